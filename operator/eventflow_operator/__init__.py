@@ -1,0 +1,1 @@
+"""eventflow_operator service package."""

@@ -1,0 +1,1 @@
+"""eventflow_consumer service package."""

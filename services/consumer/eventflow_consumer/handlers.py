@@ -1,0 +1,86 @@
+"""The handler registry: job type -> function that executes one job (NDVI is the first).
+
+Handlers are synchronous and run in a worker thread so the event loop keeps renewing leases. They
+write outputs only under the directory they are given, and return a JSON-serialisable result.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eventflow.contract import BandFileInputs, JobType, StreamEntry
+from eventflow.errors import TransientError
+from eventflow.inputs import local_path
+from eventflow.settings import NdviSettings
+
+
+class Stopped(TransientError):
+    """The job was told to stop (lease lost, cancellation or shutdown); it wrote nothing final."""
+
+    failure_class = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """What a handler may use: settings, where to write, and how to report progress."""
+
+    ndvi: NdviSettings
+    output_dir: Path
+    fence: int
+    progress: Callable[[float], None]
+    stop: threading.Event
+
+    def check_stop(self) -> None:
+        """Raise Stopped if the runtime asked this job to stop."""
+        if self.stop.is_set():
+            raise Stopped("job stopped by the runtime")
+
+
+Handler = Callable[[StreamEntry, JobContext], dict[str, Any]]
+
+
+def run_ndvi_job(entry: StreamEntry, ctx: JobContext) -> dict[str, Any]:
+    """Compute NDVI for the entry's request; returns {"outputs": {...}, "stats": {...}, ...}."""
+    from eventflow.ndvi import BandSource, NdviParams, run_ndvi
+
+    request = entry.request()
+    inputs = request.inputs
+    if isinstance(inputs, BandFileInputs):
+        red = BandSource(str(local_path("inputs.red.href", inputs.red.href, ctx.ndvi)), inputs.red.band)
+        nir = BandSource(str(local_path("inputs.nir.href", inputs.nir.href, ctx.ndvi)), inputs.nir.band)
+    else:
+        path = str(local_path("inputs.href", inputs.href, ctx.ndvi))
+        normalized = request.normalized()["inputs"]
+        red = BandSource(path, int(normalized["red_band"]))
+        nir = BandSource(path, int(normalized["nir_band"]))
+    payload = entry.payload
+    params = NdviParams(red=red, nir=nir, scale=payload.get("scale"), offset=payload.get("offset"),
+                        nodata=payload.get("nodata"), max_pixels=ctx.ndvi.max_pixels)
+    name = (request.output.name if request.output else "ndvi")
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    # Each attempt writes its own file named by its fencing token, via a temporary name, so a zombie's
+    # late write can never clobber the file a newer attempt committed.
+    final = ctx.output_dir / f"{name}-f{ctx.fence}.tif"
+    tmp = ctx.output_dir / f".{name}-f{ctx.fence}.tif.tmp"
+
+    def progress(fraction: float) -> None:
+        ctx.check_stop()
+        ctx.progress(fraction)
+
+    try:
+        outcome = run_ndvi(params, tmp, progress)
+        ctx.check_stop()
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    data = outcome.to_dict()
+    data["output_path"] = str(final)
+    return {"outputs": {"ndvi": str(final)}, "stats": outcome.stats.to_dict(), "ndvi": data}
+
+
+#: Job type -> handler. A new event type registers here and needs no change to the runtime.
+HANDLERS: dict[JobType, Handler] = {JobType.ndvi: run_ndvi_job}

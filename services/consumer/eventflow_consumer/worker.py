@@ -1,0 +1,353 @@
+"""The consumer runtime: read with the group, lease + fence, execute off-loop, commit, then ack.
+
+Order per delivery (docs/contract.md): decode (poison -> DLQ) -> result exists? ack -> acquire lease
+and fencing token (cancelled? ack) -> execute in a thread while a heartbeat renews the lease -> commit
+through eventflow_commit_result -> ack through eventflow_ack_entry -> release the lease. A transient
+failure is recorded and the entry stays pending; the reaper re-delivers it after ``min_idle_ms`` (that
+delivery counts toward the ceiling). A permanent failure goes straight to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from eventflow.contract import StreamEntry
+from eventflow.errors import EventflowError, LostLease, PermanentError, PoisonMessage
+from eventflow.metrics import ConsumerMetrics
+from eventflow.redis.client import check_ready, functions_for, keys_for
+from eventflow.redis.functions import NotOwner
+from eventflow.settings import EventflowSettings
+from eventflow_consumer.handlers import HANDLERS, Handler, JobContext, Stopped
+
+log = logging.getLogger(__name__)
+
+
+def default_name() -> str:
+    """hostname-pid-random: unique per process, so a restarted pod never inherits a zombie's entries."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """One consumer process: a group member with ``concurrency`` jobs in flight."""
+
+    def __init__(self, settings: EventflowSettings, redis: Redis, handlers: dict[Any, Handler] | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.consumer
+        self.redis = redis
+        self.keys = keys_for(settings)
+        self.functions = functions_for(redis, settings)
+        self.handlers = handlers or HANDLERS
+        self.name = self.cfg.name or default_name()
+        self.metrics = ConsumerMetrics(registry or CollectorRegistry())
+        self.pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="job")
+        self.stopping = asyncio.Event()
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.stops: dict[str, threading.Event] = {}
+        # Entries that failed transiently here: entry id -> delivery count at the time. They are left
+        # for the reaper; picked up again only once it re-delivers them (count grows).
+        self.parked: dict[str, int] = {}
+        self.processed = 0
+
+    def _ctx(self, entry_id: str, entry: StreamEntry | None = None, attempt: int | None = None) -> dict[str, Any]:
+        extra: dict[str, Any] = {"entry_id": entry_id, "consumer": self.name}
+        if entry is not None:
+            extra.update(job_id=entry.job_id, request_hash=entry.request_hash, trace_id=entry.trace_id)
+        if attempt is not None:
+            extra["attempt"] = attempt
+        return extra
+
+    def stop(self) -> None:
+        """Stop pulling new work; in-flight jobs drain (called from the SIGTERM handler)."""
+        if not self.stopping.is_set():
+            log.info("stop requested: no new reads, draining %d in-flight job(s)", len(self.in_flight),
+                     extra={"consumer": self.name})
+            self.stopping.set()
+
+    async def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        await check_ready(self.redis, self.keys)
+        await self._heartbeat_once()
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info("consumer started", extra={"consumer": self.name})
+        try:
+            await self._read_loop()
+        finally:
+            await self._drain()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            with contextlib.suppress(RedisError):
+                await self.redis.delete(self.keys.heartbeat(self.name))
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            log.info("consumer stopped after %d job(s)", self.processed, extra={"consumer": self.name})
+        return 0
+
+    async def _heartbeat_once(self) -> None:
+        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()})
+        await self.redis.set(self.keys.heartbeat(self.name), value, px=self.cfg.heartbeat_ttl_ms)
+        self.metrics.heartbeat.set(time.time())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval_ms / 1000)
+            try:
+                await self._heartbeat_once()
+            except RedisError as exc:
+                log.warning("heartbeat failed: %s", exc, extra={"consumer": self.name})
+
+    async def _read_loop(self) -> None:
+        next_rescan = 0.0
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        try:
+            while not self.stopping.is_set():
+                free = self.cfg.concurrency - len(self.in_flight)
+                if free <= 0:
+                    await asyncio.wait([stop_wait, *self.in_flight.values()], return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if time.monotonic() >= next_rescan:
+                    next_rescan = time.monotonic() + self.cfg.pending_rescan_s
+                    await self._take_own_pending(free)
+                    continue
+                read = asyncio.create_task(self.redis.xreadgroup(
+                    self.keys.group, self.name, {self.keys.job_stream: ">"},
+                    count=min(free, self.cfg.batch_size), block=self.cfg.block_ms))
+                # Race the blocking read against the stop signal so SIGTERM stops reading at once.
+                await asyncio.wait([read, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, RedisError):
+                        await read
+                    break
+                try:
+                    reply = read.result()
+                except RedisError as exc:
+                    log.warning("read failed: %s", exc, extra={"consumer": self.name})
+                    await asyncio.sleep(0.5)
+                    continue
+                for _stream, entries in reply or []:
+                    for entry_id, fields in entries:
+                        self._spawn(entry_id, fields)
+        finally:
+            stop_wait.cancel()
+
+    async def _take_own_pending(self, free: int) -> None:
+        """Start entries pending for this consumer that nothing here is running (reaper-assigned)."""
+        try:
+            rows = await self.redis.xpending_range(self.keys.job_stream, self.keys.group, min="-", max="+",
+                                                   count=100, consumername=self.name)
+        except RedisError as exc:
+            log.warning("pending scan failed: %s", exc, extra={"consumer": self.name})
+            return
+        for row in rows:
+            entry_id, deliveries = row["message_id"], int(row["times_delivered"])
+            if free <= 0:
+                return
+            if entry_id in self.in_flight or self.parked.get(entry_id, -1) >= deliveries:
+                continue
+            self.parked.pop(entry_id, None)
+            found = await self.redis.xrange(self.keys.job_stream, entry_id, entry_id)
+            if not found:
+                # Deleted while pending: the reaper records it as lost work; nothing to run here.
+                continue
+            self._spawn(entry_id, found[0][1])
+            free -= 1
+
+    def _spawn(self, entry_id: str, fields: dict[str, str]) -> None:
+        task = asyncio.create_task(self._process(entry_id, fields), name=f"job-{entry_id}")
+        self.in_flight[entry_id] = task
+        self.metrics.in_flight.set(len(self.in_flight))
+
+        def done(_: asyncio.Task[None]) -> None:
+            self.in_flight.pop(entry_id, None)
+            self.metrics.in_flight.set(len(self.in_flight))
+
+        task.add_done_callback(done)
+
+    async def _process(self, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            await self._execute(entry_id, fields)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Never let one job kill the process; the entry stays pending and the reaper sees it.
+            log.exception("unexpected error; entry left pending", extra=self._ctx(entry_id))
+        finally:
+            self.processed += 1
+
+    async def _execute(self, entry_id: str, fields: dict[str, str]) -> None:
+        f = self.functions
+        try:
+            entry = StreamEntry.from_fields(fields)
+        except PoisonMessage as exc:
+            log.error("poison message: %s", exc, extra=self._ctx(entry_id))
+            await f.dead_letter(entry_id, job_id=fields.get("job_id", "")[:64],
+                                request_hash=fields.get("request_hash", "")[:64], consumer=self.name,
+                                failure_class=exc.failure_class, message=str(exc))
+            self.metrics.jobs.labels(outcome="dead_lettered").inc()
+            return
+        if await self.redis.exists(self.keys.result(entry.request_hash)):
+            # Committed by an earlier delivery (e.g. killed between commit and ack): ack, don't re-run.
+            await self._ack(entry_id, entry, None)
+            log.info("result already committed; acked without re-running", extra=self._ctx(entry_id, entry))
+            return
+        token = uuid.uuid4().hex
+        event = {"job_id": entry.job_id, "request_hash": entry.request_hash, "entry_id": entry_id,
+                 "consumer": self.name, "trace_id": entry.trace_id}
+        fence = await f.acquire_lease(entry.request_hash, entry.job_id, token, self.cfg.lease_ttl_ms, event)
+        if fence == -1:
+            await self._ack(entry_id, entry, None)
+            self.metrics.jobs.labels(outcome="cancelled").inc()
+            log.info("job cancelled; acked without running", extra=self._ctx(entry_id, entry))
+            return
+        if fence == 0:
+            # Another live worker runs this request hash (a duplicate delivery); leave the entry pending:
+            # once that worker commits, the redelivery finds the result and acks.
+            await self._park(entry_id)
+            log.info("lease held by another worker; entry left pending", extra=self._ctx(entry_id, entry))
+            return
+        await self._run_leased(entry_id, entry, token, fence, event)
+
+    async def _run_leased(self, entry_id: str, entry: StreamEntry, token: str, fence: int,
+                          event: dict[str, str]) -> None:
+        f = self.functions
+        ctx_log = self._ctx(entry_id, entry, fence)
+        handler = self.handlers.get(entry.job_type)
+        stop = threading.Event()
+        self.stops[entry_id] = stop
+        loop = asyncio.get_running_loop()
+        lost = asyncio.Event()
+
+        def progress(fraction: float) -> None:
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._progress(entry, fraction, event, stop)))
+
+        renew = asyncio.create_task(self._renew(entry, token, stop, lost))
+        started = time.perf_counter()
+        try:
+            if handler is None:
+                raise PermanentError(f"no handler for job type {entry.job_type}")
+            output_dir = self.settings.ndvi.output_root / entry.tenant / entry.request_hash
+            ctx = JobContext(ndvi=self.settings.ndvi, output_dir=output_dir, fence=fence, progress=progress, stop=stop)
+            log.info("job started", extra=ctx_log)
+            result = await loop.run_in_executor(self.pool, handler, entry, ctx)
+            if lost.is_set():
+                raise LostLease("lease lost during execution")
+            result["fence"] = fence
+            # Commit and ack run shielded: a shutdown must not cut them in half.
+            outcome = await asyncio.shield(f.commit_result(
+                entry.request_hash, entry.job_id, token, fence, json.dumps(result), event))
+            await asyncio.shield(self._ack(entry_id, entry, token))
+            self.metrics.jobs.labels(outcome="succeeded" if outcome != "cancelled" else "cancelled").inc()
+            self.metrics.duration.observe(time.perf_counter() - started)
+            log.info("job %s in %.3fs", outcome, time.perf_counter() - started, extra=ctx_log)
+        except PermanentError as exc:
+            log.error("job failed permanently: %s", exc, extra=ctx_log)
+            self.metrics.failures.labels(failure_class=exc.failure_class).inc()
+            await f.dead_letter(entry_id, job_id=entry.job_id, request_hash=entry.request_hash, consumer=self.name,
+                                failure_class=exc.failure_class, message=str(exc))
+            self.metrics.jobs.labels(outcome="dead_lettered").inc()
+        except (LostLease, Stopped) as exc:
+            log.warning("job stopped without writing: %s", exc, extra=ctx_log)
+            await self._park(entry_id)
+        except asyncio.CancelledError:
+            stop.set()
+            log.warning("job interrupted by shutdown; left pending for another consumer", extra=ctx_log)
+            raise
+        except Exception as exc:
+            failure_class = exc.failure_class if isinstance(exc, EventflowError) else type(exc).__name__
+            log.warning("job failed (%s): %s; will be retried", failure_class, exc, extra=ctx_log)
+            self.metrics.failures.labels(failure_class=failure_class).inc()
+            with contextlib.suppress(RedisError):
+                await f.record_failure(entry_id, entry.job_id, failure_class, str(exc), event)
+            await self._park(entry_id)
+        finally:
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renew
+            self.stops.pop(entry_id, None)
+            with contextlib.suppress(RedisError):
+                await asyncio.shield(f.release_lease(entry.request_hash, token))
+
+    async def _park(self, entry_id: str) -> None:
+        """Leave the entry pending for the reaper; retake it only after a re-delivery (count grows)."""
+        try:
+            rows = await self.redis.xpending_range(self.keys.job_stream, self.keys.group, min=entry_id,
+                                                   max=entry_id, count=1)
+        except RedisError:
+            rows = []
+        if rows and rows[0]["consumer"] == self.name:
+            self.parked[entry_id] = int(rows[0]["times_delivered"])
+
+    async def _renew(self, entry: StreamEntry, token: str, stop: threading.Event, lost: asyncio.Event) -> None:
+        """Renew the lease; on failure stop the job before the lease could expire (self-fencing)."""
+        interval = self.cfg.heartbeat_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ok = await self.functions.renew_lease(entry.request_hash, token, self.cfg.lease_ttl_ms)
+            except RedisError as exc:
+                log.warning("lease renewal failed: %s", exc, extra={"job_id": entry.job_id})
+                ok = False
+            if not ok:
+                lost.set()
+                stop.set()
+                return
+
+    async def _progress(self, entry: StreamEntry, fraction: float, event: dict[str, str],
+                        stop: threading.Event) -> None:
+        with contextlib.suppress(RedisError):
+            state = await self.functions.report_progress(entry.job_id, fraction, event)
+            if state == "cancelled":
+                stop.set()
+
+    async def _ack(self, entry_id: str, entry: StreamEntry, token: str | None) -> None:
+        try:
+            await self.functions.ack_entry(entry_id, self.name, entry.request_hash if token else None, token)
+        except NotOwner as exc:
+            log.warning("ack refused, entry now owned elsewhere: %s", exc, extra=self._ctx(entry_id, entry))
+        self.parked.pop(entry_id, None)
+
+    async def _drain(self) -> None:
+        if not self.in_flight:
+            return
+        tasks = list(self.in_flight.values())
+        _done, pending = await asyncio.wait(tasks, timeout=self.cfg.drain_timeout_s)
+        if pending:
+            log.warning("drain timeout: %d job(s) handed back (left pending, leases released)", len(pending),
+                        extra={"consumer": self.name})
+            for event in self.stops.values():
+                event.set()
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def serve(settings: EventflowSettings, redis: Redis) -> int:
+    """Run one consumer until SIGTERM/SIGINT; returns the exit code."""
+    worker = Worker(settings, redis)
+    if settings.metrics.enabled:
+        from prometheus_client import start_http_server
+
+        registry = CollectorRegistry()
+        worker.metrics = ConsumerMetrics(registry)
+        start_http_server(settings.metrics.port, settings.metrics.host, registry=registry)
+    return await worker.run()

@@ -1,0 +1,1 @@
+"""eventflow_ingest service package."""

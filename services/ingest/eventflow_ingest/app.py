@@ -1,0 +1,109 @@
+"""create_app(settings): the FastAPI application whose lifespan owns the Redis client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from eventflow import __version__
+from eventflow.metrics import IngestMetrics
+from eventflow.redis.client import connect, functions_for, keys_for
+from eventflow.settings import EventflowSettings
+from eventflow_ingest import errors, routes
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class BodyGuard:
+    """ASGI middleware: 415 for non-JSON POST bodies and 413 past the size limit, before any parsing."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check headers, then count streamed bytes."""
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            await _reply(send, 415, "unsupported_media_type", "Content-Type must be application/json",
+                         "Content-Type")
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await _reply(send, 413, "body_too_large", f"body larger than {self.max_body_bytes} bytes", None)
+            return
+        seen = 0
+        too_big = False
+
+        async def counted() -> Message:
+            nonlocal seen, too_big
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    too_big = True
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _BodyTooLarge:
+            await _reply(send, 413, "body_too_large", f"body larger than {self.max_body_bytes} bytes", None)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _reply(send: Send, status: int, error: str, message: str, field: str | None) -> None:
+    import json
+
+    payload = json.dumps(errors.body(error, message, field)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(settings: EventflowSettings) -> FastAPI:
+    """The ingest application for these settings."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings)
+        app.state.redis = redis
+        app.state.functions = functions_for(redis, settings)
+        app.state.keys = keys_for(settings)
+        try:
+            yield
+        finally:
+            await redis.aclose()
+
+    app = FastAPI(
+        title="EventFlow ingest",
+        version=__version__,
+        description="Admission of NDVI jobs into the EventFlow job stream. See docs/api.md.",
+        lifespan=lifespan,
+    )
+    registry = CollectorRegistry()
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = IngestMetrics(registry)
+    errors.install(app, settings.ingest.retry_after_s)
+    app.include_router(routes.jobs_router)
+    app.include_router(routes.health_router)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.ingest.max_body_bytes)
+    return app

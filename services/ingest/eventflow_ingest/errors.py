@@ -1,0 +1,90 @@
+"""One table from exceptions to HTTP answers: status, JSON body {error, message, field}, Retry-After."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from eventflow.errors import EpochMismatch, LibraryMismatch
+from eventflow.inputs import InputRejected
+from eventflow.redis.functions import Backpressure, GroupMissing, IdempotencyConflict
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An HTTP error with a stable code and, where it applies, the offending field."""
+
+    def __init__(self, status: int, error: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message, self.field, self.headers = status, error, message, field, headers
+
+
+def body(error: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The JSON error body every 4xx/5xx uses."""
+    return {"error": error, "message": message, "field": field, **extra}
+
+
+def install(app: FastAPI, retry_after_s: int) -> None:
+    """Register the exception → response table on the app."""
+    retry = {"Retry-After": str(retry_after_s)}
+
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(body(exc.error, exc.message, exc.field), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # Union members add their class name to the location; drop it so the field reads like the JSON.
+        loc = [p for p in loc if p not in {"MultibandInputs", "BandFileInputs"}]
+        field = ".".join(loc) or None
+        details = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or None,
+                    "message": e.get("msg", "")} for e in errors[:20]]
+        return JSONResponse(body("invalid_request", f"{field or 'body'}: {first.get('msg')}", field,
+                                 details=details), 422)
+
+    @app.exception_handler(InputRejected)
+    async def _input(_: Request, exc: InputRejected) -> JSONResponse:
+        return JSONResponse(body("input_not_allowed", f"{exc.field}: {exc}", exc.field), 422)
+
+    @app.exception_handler(Backpressure)
+    async def _backpressure(_: Request, exc: Backpressure) -> JSONResponse:
+        return JSONResponse(body("backlog_full", str(exc)), 429, headers=retry)
+
+    @app.exception_handler(IdempotencyConflict)
+    async def _conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return JSONResponse(body("idempotency_conflict", str(exc), "Idempotency-Key"), 422)
+
+    @app.exception_handler(EpochMismatch)
+    @app.exception_handler(GroupMissing)
+    @app.exception_handler(LibraryMismatch)
+    async def _not_ready(_: Request, exc: Exception) -> JSONResponse:
+        log.error("redis not ready: %s", exc)
+        return JSONResponse(body("not_ready", str(exc)), 503, headers=retry)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _unreachable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unreachable: %s", exc)
+        return JSONResponse(body("redis_unavailable", "the job store is unreachable; retry later"), 503,
+                            headers=retry)
+
+    @app.exception_handler(ResponseError)
+    async def _response(_: Request, exc: ResponseError) -> JSONResponse:
+        text = str(exc)
+        if text.startswith(("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")):
+            log.warning("redis refused the write: %s", text)
+            return JSONResponse(body("redis_refused", text.split(" ", 1)[0]), 503, headers=retry)
+        log.exception("unexpected redis error")
+        return JSONResponse(body("internal", "unexpected store error"), 500)

@@ -1,0 +1,1 @@
+"""eventflow_reaper service package."""

@@ -1,0 +1,172 @@
+"""The reaper cycle: dead-letter entries over the ceiling, hand idle ones to live consumers, remove dead
+consumers, record lost work, export stream health.
+
+Safe as two replicas: every state change is one server-side function (dead-lettering checks the entry
+is still pending; consumer removal checks heartbeat and pending list) or an XAUTOCLAIM, which Redis
+serializes; two reapers racing at worst both skip an entry until the next cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from eventflow.metrics import ReaperMetrics
+from eventflow.redis.client import check_ready, functions_for, keys_for
+from eventflow.settings import EventflowSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleReport:
+    """What one cycle did (returned for tests and logged at debug)."""
+
+    dead_lettered: int = 0
+    reclaimed: int = 0
+    lost: int = 0
+    consumers_removed: int = 0
+
+
+class Reaper:
+    """The recovery controller bound to one Redis and one key layout."""
+
+    def __init__(self, settings: EventflowSettings, redis: Redis, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.reaper
+        self.redis = redis
+        self.keys = keys_for(settings)
+        self.functions = functions_for(redis, settings)
+        self.metrics = ReaperMetrics(registry or CollectorRegistry())
+        self.stopping = asyncio.Event()
+        self.lost_ids: list[str] = []
+
+    async def live_consumers(self) -> list[str]:
+        """Consumers of the group whose heartbeat key exists."""
+        consumers = await self.redis.xinfo_consumers(self.keys.job_stream, self.keys.group)
+        names = [c["name"] for c in consumers]
+        if not names:
+            return []
+        alive = await self.redis.mget([self.keys.heartbeat(n) for n in names])
+        return [n for n, hb in zip(names, alive, strict=True) if hb is not None]
+
+    async def cycle(self) -> CycleReport:
+        """One pass of recovery and health export."""
+        report = CycleReport()
+        k, max_deliveries = self.keys, self.settings.streams.max_deliveries
+        # 1. Entries idle past the threshold that reached the ceiling go to the DLQ, each atomically.
+        rows = await self.redis.xpending_range(k.job_stream, k.group, min="-", max="+", count=self.cfg.claim_batch,
+                                               idle=self.cfg.min_idle_ms)
+        for row in rows:
+            if int(row["times_delivered"]) < max_deliveries:
+                continue
+            entry_id = row["message_id"]
+            found = await self.redis.xrange(k.job_stream, entry_id, entry_id)
+            fields = found[0][1] if found else {}
+            dlq_id = await self.functions.dead_letter(
+                entry_id, job_id=fields.get("job_id", "")[:64], request_hash=fields.get("request_hash", "")[:64],
+                min_deliveries=max_deliveries)
+            if dlq_id:
+                report.dead_lettered += 1
+                log.error("dead-lettered after %s deliveries", row["times_delivered"],
+                          extra={"entry_id": entry_id, "job_id": fields.get("job_id")})
+        # 2. Hand the rest to live consumers. XAUTOCLAIM without JUSTID counts a delivery (facts #3).
+        live = await self.live_consumers()
+        if live:
+            target = random.choice(live)
+            try:
+                reply = await self.redis.xautoclaim(k.job_stream, k.group, target, self.cfg.min_idle_ms,
+                                                    start_id="0-0", count=self.cfg.claim_batch)
+            except ResponseError as exc:
+                log.error("XAUTOCLAIM failed: %s", exc)
+                reply = ["0-0", [], []]
+            claimed = reply[1]
+            deleted = reply[2] if len(reply) > 2 else []
+            report.reclaimed += len([c for c in claimed if c])
+            if deleted:
+                # Pending entries that no longer exist in the stream: work lost to trimming or deletion.
+                report.lost += len(deleted)
+                self.lost_ids.extend(deleted)
+                log.error("lost work: %d pending entries were deleted from the stream: %s", len(deleted),
+                          ",".join(deleted[:50]))
+        # 3. Remove dead consumers, only when their pending list is empty (atomic in the function).
+        consumers = await self.redis.xinfo_consumers(k.job_stream, k.group)
+        for c in consumers:
+            if c["name"] not in live and int(c["pending"]) == 0 and await self.functions.reap_consumer(c["name"]):
+                report.consumers_removed += 1
+        await self.export(len(live))
+        self.metrics.reclaimed.inc(report.reclaimed)
+        self.metrics.dead_lettered.inc(report.dead_lettered)
+        self.metrics.lost.inc(report.lost)
+        self.metrics.consumers_removed.inc(report.consumers_removed)
+        now = time.time()
+        self.metrics.heartbeat.set(now)
+        await self.redis.set(k.reaper_heartbeat, str(now), px=int(self.cfg.interval_s * 3000) + 1000)
+        return report
+
+    async def export(self, alive: int) -> None:
+        """Update stream-health gauges: length, lag, pending, oldest ages, DLQ depth, consumers alive."""
+        k = self.keys
+        m = self.metrics
+        m.stream_length.set(await self.redis.xlen(k.job_stream))
+        m.dlq_depth.set(await self.redis.xlen(k.dead_letter_stream))
+        m.consumers_alive.set(alive)
+        group = next((g for g in await self.redis.xinfo_groups(k.job_stream) if g["name"] == k.group), None)
+        if group is None:
+            return
+        m.pending.set(int(group["pending"]))
+        lag = group.get("lag")
+        m.lag.set(float(lag) if lag is not None else float("nan"))
+        oldest = await self.redis.xpending_range(k.job_stream, k.group, min="-", max="+", count=1)
+        m.pending_age.set(int(oldest[0]["time_since_delivered"]) / 1000 if oldest else 0)
+        undelivered = await self.redis.xrange(k.job_stream, _next_id(group["last-delivered-id"]), "+", count=1)
+        if undelivered:
+            ms = int(undelivered[0][0].split("-")[0])
+            m.undelivered_age.set(max(0.0, time.time() - ms / 1000))
+        else:
+            m.undelivered_age.set(0)
+
+    async def run(self) -> int:
+        """Cycle every ``interval_s`` until SIGTERM/SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stopping.set)
+        await check_ready(self.redis, self.keys)
+        log.info("reaper started")
+        while not self.stopping.is_set():
+            try:
+                report = await self.cycle()
+                if report.dead_lettered or report.reclaimed or report.lost or report.consumers_removed:
+                    log.info("cycle: %s", report)
+            except RedisError as exc:
+                log.warning("reaper cycle failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.cfg.interval_s)
+        log.info("reaper stopped")
+        return 0
+
+
+def _next_id(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+async def serve(settings: EventflowSettings, redis: Redis) -> int:
+    """Run the reaper with its metrics endpoint until stopped."""
+    registry = CollectorRegistry()
+    reaper = Reaper(settings, redis, registry)
+    if settings.metrics.enabled:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics.port, settings.metrics.host, registry=registry)
+    return await reaper.run()

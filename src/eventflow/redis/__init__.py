@@ -1,0 +1,1 @@
+"""Redis access: connections, the Function library, and its typed wrappers."""

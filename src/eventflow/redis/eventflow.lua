@@ -1,0 +1,356 @@
+#!lua name=eventflow
+--[[
+EventFlow's Redis Function library: every multi-step operation on EventFlow keys, each atomic.
+
+Loaded once by `eventflow bootstrap` (a Helm hook Job; `eventflow up` locally) with FUNCTION LOAD REPLACE.
+Services only call eventflow_version at start and refuse to run on a mismatch.
+Python calls these only through eventflow/redis/functions.py; every key arrives in KEYS (cluster-safe
+argument discipline), built by eventflow/keys.py. Times are Unix milliseconds supplied by the caller
+(functions must not depend on the server clock for replication determinism).
+
+Names are global across libraries, so each starts with eventflow_. A change to KEYS or ARGV of a
+function means a new name; a change of behaviour means a new LIBRARY_VERSION.
+]]
+
+local LIBRARY_VERSION = '1'
+
+-- Append a lifecycle event (flat field list) to the event stream, approximately capped.
+-- The event stream is a notification log, not work: capping it loses no job.
+local function add_event(stream, maxlen, fields)
+  local args = {'XADD', stream, 'MAXLEN', '~', maxlen, '*'}
+  for i = 1, #fields do args[#args + 1] = fields[i] end
+  return redis.call(unpack(args))
+end
+
+-- Pending-list record of one entry: {id, consumer, idle_ms, deliveries} or nil.
+local function pending_of(stream, group, entry_id)
+  local rows = redis.call('XPENDING', stream, group, 'IDLE', 0, entry_id, entry_id, 1)
+  if #rows == 0 then return nil end
+  return rows[1]
+end
+
+local function tail(argv, from)
+  local out = {}
+  for i = from, #argv do out[#out + 1] = argv[i] end
+  return out
+end
+
+--[[ eventflow_version
+Purpose: report the library version so services can refuse a mismatch.
+KEYS: none.  ARGV: none.
+Reply: the version string.
+]]
+local function version()
+  return LIBRARY_VERSION
+end
+
+--[[ eventflow_submit_job
+Purpose: idempotent admission. Dedupe by request hash (and Idempotency-Key), check the backlog bound,
+  XADD the job, record the job state and a `queued` event -- one step, so a retried command whose reply
+  was lost finds its own entry instead of adding a second one.
+KEYS[1] job stream          KEYS[2] dedupe key (request hash -> job id)
+KEYS[3] idempotency key     KEYS[4] job state hash of the new job
+KEYS[5] event stream        KEYS[6] epoch key
+ARGV[1] consumer group      ARGV[2] max backlog (entries; lag + pending)
+ARGV[3] "1" to use KEYS[3]  ARGV[4] new job id      ARGV[5] request hash
+ARGV[6] tenant              ARGV[7] now (ms)        ARGV[8] event stream cap (entries)
+ARGV[9] idempotency/dedupe TTL (ms, "0" = keep)     ARGV[10..] job entry fields (flat name, value list)
+Reply: {job_id, created (1 new / 0 duplicate), entry id or ""}
+Errors: EPOCH (server wiped or never bootstrapped), NOGROUP (stream/group missing),
+  BACKLOG <n> (backlog at or above the bound; nothing written), IDEMCONFLICT <job_id> (key reused for
+  another request).
+]]
+local function submit_job(keys, argv)
+  if redis.call('EXISTS', keys[6]) == 0 then
+    return redis.error_reply('EPOCH eventflow epoch key missing: server wiped or not bootstrapped')
+  end
+  local existing = redis.call('GET', keys[2])
+  if existing then return {existing, 0, ''} end
+  if argv[3] == '1' then
+    local idem = redis.call('GET', keys[3])
+    if idem then
+      local sep = string.find(idem, ' ', 1, true)
+      local idem_job, idem_hash = string.sub(idem, 1, sep - 1), string.sub(idem, sep + 1)
+      if idem_hash ~= argv[5] then
+        return redis.error_reply('IDEMCONFLICT ' .. idem_job)
+      end
+      return {idem_job, 0, ''}
+    end
+  end
+  if redis.call('EXISTS', keys[1]) == 0 then
+    return redis.error_reply('NOGROUP job stream missing')
+  end
+  local backlog = nil
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', keys[1])) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == argv[1] then
+      local lag = info['lag']
+      -- lag is NULL after an undelivered entry was deleted (facts #7): fall back to the stream length.
+      if not lag then lag = redis.call('XLEN', keys[1]) end
+      backlog = lag + info['pending']
+    end
+  end
+  if backlog == nil then return redis.error_reply('NOGROUP consumer group missing') end
+  if backlog >= tonumber(argv[2]) then
+    return redis.error_reply('BACKLOG ' .. backlog)
+  end
+  local xadd = {'XADD', keys[1], '*'}
+  for i = 10, #argv do xadd[#xadd + 1] = argv[i] end
+  local entry_id = redis.call(unpack(xadd))
+  local ttl = tonumber(argv[9])
+  if ttl > 0 then
+    redis.call('SET', keys[2], argv[4], 'PX', ttl)
+  else
+    redis.call('SET', keys[2], argv[4])
+  end
+  if argv[3] == '1' then
+    if ttl > 0 then
+      redis.call('SET', keys[3], argv[4] .. ' ' .. argv[5], 'PX', ttl)
+    else
+      redis.call('SET', keys[3], argv[4] .. ' ' .. argv[5])
+    end
+  end
+  redis.call('HSET', keys[4], 'job_id', argv[4], 'request_hash', argv[5], 'tenant', argv[6],
+    'state', 'queued', 'attempts', 0, 'progress', 0, 'entry_id', entry_id,
+    'created_at_ms', argv[7], 'updated_at_ms', argv[7])
+  add_event(keys[5], argv[8], {'type', 'queued', 'job_id', argv[4], 'request_hash', argv[5],
+    'at_ms', argv[7], 'entry_id', entry_id})
+  return {argv[4], 1, entry_id}
+end
+
+--[[ eventflow_acquire_lease
+Purpose: start an attempt. Take the lease (SET NX PX with the caller's random token), take a fencing
+  token (INCR), mark the job running and append a `started` event. Refuses a cancelled job.
+KEYS[1] lease key   KEYS[2] fencing counter   KEYS[3] job state hash   KEYS[4] event stream
+ARGV[1] lease token   ARGV[2] lease TTL (ms)   ARGV[3] now (ms)   ARGV[4] event stream cap
+ARGV[5..] extra `started` event fields (flat list)
+Reply: fencing token (>= 1) on success; 0 if another worker holds the lease; -1 if the job is cancelled.
+]]
+local function acquire_lease(keys, argv)
+  if redis.call('HGET', keys[3], 'state') == 'cancelled' then return -1 end
+  if not redis.call('SET', keys[1], argv[1], 'NX', 'PX', argv[2]) then return 0 end
+  local fence = redis.call('INCR', keys[2])
+  local attempts = redis.call('HINCRBY', keys[3], 'attempts', 1)
+  redis.call('HSET', keys[3], 'state', 'running', 'updated_at_ms', argv[3], 'started_at_ms', argv[3])
+  local fields = {'type', 'started', 'at_ms', argv[3], 'attempt', attempts}
+  for _, v in ipairs(tail(argv, 5)) do fields[#fields + 1] = v end
+  add_event(keys[4], argv[4], fields)
+  return fence
+end
+
+--[[ eventflow_renew_lease
+Purpose: extend the lease, only by its owner.
+KEYS[1] lease key.  ARGV[1] lease token  ARGV[2] TTL (ms)
+Reply: 1 renewed, 0 not the owner (the lease expired or was taken: the caller must stop, self-fenced).
+]]
+local function renew_lease(keys, argv)
+  if redis.call('GET', keys[1]) ~= argv[1] then return 0 end
+  redis.call('PEXPIRE', keys[1], argv[2])
+  return 1
+end
+
+--[[ eventflow_release_lease
+Purpose: drop the lease, only by its owner.
+KEYS[1] lease key.  ARGV[1] lease token
+Reply: 1 released, 0 not the owner.
+]]
+local function release_lease(keys, argv)
+  if redis.call('GET', keys[1]) ~= argv[1] then return 0 end
+  redis.call('DEL', keys[1])
+  return 1
+end
+
+--[[ eventflow_commit_result
+Purpose: commit a job's result exactly once. Writes only while the caller holds the lease and its
+  fencing token is the highest issued, so a paused zombie that wakes up late cannot overwrite a newer
+  attempt. Marks the job succeeded and appends a `succeeded` event.
+KEYS[1] result hash   KEYS[2] fencing counter   KEYS[3] lease key   KEYS[4] job state hash
+KEYS[5] event stream
+ARGV[1] lease token   ARGV[2] fencing token   ARGV[3] result JSON   ARGV[4] now (ms)
+ARGV[5] event stream cap   ARGV[6..] extra `succeeded` event fields
+Reply: "committed", or "exists" (a result is already committed: nothing written, treat as done),
+  or "cancelled" (the job was cancelled: nothing written).
+Errors: LEASELOST (caller's token no longer holds the lease), FENCED <highest> (a newer attempt exists).
+]]
+local function commit_result(keys, argv)
+  if redis.call('EXISTS', keys[1]) == 1 then return 'exists' end
+  if redis.call('GET', keys[3]) ~= argv[1] then
+    return redis.error_reply('LEASELOST lease token is not current')
+  end
+  local highest = tonumber(redis.call('GET', keys[2]) or '0')
+  if tonumber(argv[2]) < highest then
+    return redis.error_reply('FENCED ' .. highest)
+  end
+  if redis.call('HGET', keys[4], 'state') == 'cancelled' then return 'cancelled' end
+  redis.call('HSET', keys[1], 'fence', argv[2], 'json', argv[3], 'committed_at_ms', argv[4])
+  redis.call('HSET', keys[4], 'state', 'succeeded', 'progress', 1, 'updated_at_ms', argv[4],
+    'finished_at_ms', argv[4])
+  redis.call('HDEL', keys[4], 'error_class', 'error_message')
+  local fields = {'type', 'succeeded', 'at_ms', argv[4]}
+  for _, v in ipairs(tail(argv, 6)) do fields[#fields + 1] = v end
+  add_event(keys[5], argv[5], fields)
+  return 'committed'
+end
+
+--[[ eventflow_ack_entry
+Purpose: the only XACK. Acks an entry only if it is still pending for the calling consumer and, when a
+  lease token is given, that token still holds the lease. A raw XACK from a zombie would silently drop
+  the new owner's in-flight entry (facts #5).
+KEYS[1] job stream   KEYS[2] lease key (ignored when ARGV[4] is "")
+ARGV[1] group   ARGV[2] entry id   ARGV[3] consumer name   ARGV[4] lease token or ""
+Reply: 1 acked, 0 not pending (already acked).
+Errors: NOTOWNER <owner> (pending for another consumer), LEASELOST.
+]]
+local function ack_entry(keys, argv)
+  local p = pending_of(keys[1], argv[1], argv[2])
+  if not p then return 0 end
+  if p[2] ~= argv[3] then return redis.error_reply('NOTOWNER ' .. p[2]) end
+  if argv[4] ~= '' and redis.call('GET', keys[2]) ~= argv[4] then
+    return redis.error_reply('LEASELOST lease token is not current')
+  end
+  return redis.call('XACK', keys[1], argv[1], argv[2])
+end
+
+--[[ eventflow_record_failure
+Purpose: remember an attempt's failure on its entry (first/last time, class, message, for the DLQ
+  record) and mark the job retrying, with a `retrying` event.
+KEYS[1] failure hash   KEYS[2] job state hash   KEYS[3] event stream
+ARGV[1] failure class   ARGV[2] message   ARGV[3] now (ms)   ARGV[4] event stream cap
+ARGV[5..] extra event fields
+Reply: number of failures recorded for this entry.
+]]
+local function record_failure(keys, argv)
+  redis.call('HSETNX', keys[1], 'first_failure_ms', argv[3])
+  redis.call('HSET', keys[1], 'last_failure_ms', argv[3], 'failure_class', argv[1], 'failure_message', argv[2])
+  local n = redis.call('HINCRBY', keys[1], 'failures', 1)
+  local state = redis.call('HGET', keys[2], 'state')
+  if state ~= 'cancelled' and state ~= 'succeeded' then
+    redis.call('HSET', keys[2], 'state', 'retrying', 'updated_at_ms', argv[3],
+      'error_class', argv[1], 'error_message', argv[2])
+  end
+  local fields = {'type', 'retrying', 'at_ms', argv[3], 'message', argv[1] .. ': ' .. argv[2]}
+  for _, v in ipairs(tail(argv, 5)) do fields[#fields + 1] = v end
+  add_event(keys[3], argv[4], fields)
+  return n
+end
+
+--[[ eventflow_dead_letter
+Purpose: move one pending entry to the dead-letter stream: append the DLQ record and ack the original
+  in one step, so a crash can neither duplicate the record nor leave an entry that is neither pending
+  nor dead-lettered. Marks the job dead_lettered with a `dead_lettered` event.
+KEYS[1] job stream   KEYS[2] dead-letter stream   KEYS[3] job state hash   KEYS[4] event stream
+KEYS[5] failure hash of the entry
+ARGV[1] group   ARGV[2] entry id   ARGV[3] expected owner consumer, or "" for any (the reaper)
+ARGV[4] failure class, or "" to use the recorded one   ARGV[5] failure message (same rule)
+ARGV[6] now (ms)   ARGV[7] event stream cap   ARGV[8] minimum delivery count, "0" for none
+ARGV[9] job id ("" if unknown)   ARGV[10] request hash
+Reply: the DLQ record id, or "" when the entry is not pending (already handled) or under the minimum.
+Errors: NOTOWNER <owner>.
+]]
+local function dead_letter(keys, argv)
+  local p = pending_of(keys[1], argv[1], argv[2])
+  if not p then return '' end
+  if argv[3] ~= '' and p[2] ~= argv[3] then return redis.error_reply('NOTOWNER ' .. p[2]) end
+  local deliveries = tonumber(p[4])
+  if deliveries < tonumber(argv[8]) then return '' end
+  local rows = redis.call('XRANGE', keys[1], argv[2], argv[2])
+  local payload = {}
+  if #rows == 1 then
+    local f = rows[1][2]
+    for i = 1, #f, 2 do payload[f[i]] = f[i + 1] end
+  end
+  local failure = {}
+  local fr = redis.call('HGETALL', keys[5])
+  for i = 1, #fr, 2 do failure[fr[i]] = fr[i + 1] end
+  local class = argv[4]
+  local message = argv[5]
+  if class == '' then
+    class = failure['failure_class'] or 'delivery_ceiling'
+    message = failure['failure_message'] or ('delivered ' .. deliveries .. ' times without success')
+  end
+  if #rows == 0 then
+    class = 'lost'
+    message = 'entry deleted from the stream while pending'
+  end
+  local dlq_id = redis.call('XADD', keys[2], '*',
+    'original_entry_id', argv[2], 'delivery_count', deliveries,
+    'failure_class', class, 'failure_message', message,
+    'payload', cjson.encode(payload),
+    'first_failure_ms', failure['first_failure_ms'] or argv[6],
+    'last_failure_ms', failure['last_failure_ms'] or argv[6],
+    'dead_lettered_at_ms', argv[6], 'job_id', argv[9], 'request_hash', argv[10],
+    'replay_generation', payload['replay_generation'] or '0')
+  redis.call('XACK', keys[1], argv[1], argv[2])
+  redis.call('DEL', keys[5])
+  if argv[9] ~= '' then
+    redis.call('HSET', keys[3], 'state', 'dead_lettered', 'updated_at_ms', argv[6],
+      'error_class', class, 'error_message', message, 'dlq_id', dlq_id)
+    add_event(keys[4], argv[7], {'type', 'dead_lettered', 'job_id', argv[9], 'request_hash', argv[10],
+      'at_ms', argv[6], 'entry_id', argv[2], 'attempt', deliveries, 'message', class .. ': ' .. message})
+  end
+  return dlq_id
+end
+
+--[[ eventflow_report_progress
+Purpose: record progress on the job state and append a `progress` event.
+KEYS[1] job state hash   KEYS[2] event stream
+ARGV[1] fraction done (0..1)   ARGV[2] now (ms)   ARGV[3] event stream cap   ARGV[4..] extra event fields
+Reply: the job's state (so a worker learns about a cancellation on its next progress report).
+]]
+local function report_progress(keys, argv)
+  local state = redis.call('HGET', keys[1], 'state')
+  if state ~= 'running' then return state or '' end
+  redis.call('HSET', keys[1], 'progress', argv[1], 'updated_at_ms', argv[2])
+  local fields = {'type', 'progress', 'progress', argv[1], 'at_ms', argv[2]}
+  for _, v in ipairs(tail(argv, 4)) do fields[#fields + 1] = v end
+  add_event(keys[2], argv[3], fields)
+  return state
+end
+
+--[[ eventflow_cancel_job
+Purpose: cancel a job that has not finished; consumers skip it or stop it.
+KEYS[1] job state hash   KEYS[2] event stream
+ARGV[1] now (ms)   ARGV[2] event stream cap
+Reply: the state after the call ("cancelled", or the terminal state it already had); "" if no such job.
+]]
+local function cancel_job(keys, argv)
+  local state = redis.call('HGET', keys[1], 'state')
+  if not state then return '' end
+  if state == 'succeeded' or state == 'failed' or state == 'dead_lettered' or state == 'cancelled' then
+    return state
+  end
+  redis.call('HSET', keys[1], 'state', 'cancelled', 'updated_at_ms', argv[1], 'cancelled_at_ms', argv[1])
+  add_event(keys[2], argv[2], {'type', 'cancelled', 'job_id', redis.call('HGET', keys[1], 'job_id'),
+    'at_ms', argv[1]})
+  return 'cancelled'
+end
+
+--[[ eventflow_reap_consumer
+Purpose: delete a dead consumer from the group only if its heartbeat is gone AND its pending list is
+  empty, in one step: XGROUP DELCONSUMER drops pending entries for good (facts #4).
+KEYS[1] job stream   KEYS[2] the consumer's heartbeat key
+ARGV[1] group   ARGV[2] consumer name
+Reply: 1 deleted; 0 kept (alive, or still owns pending entries).
+]]
+local function reap_consumer(keys, argv)
+  if redis.call('EXISTS', keys[2]) == 1 then return 0 end
+  local rows = redis.call('XPENDING', keys[1], argv[1], '-', '+', 1, argv[2])
+  if #rows > 0 then return 0 end
+  redis.call('XGROUP', 'DELCONSUMER', keys[1], argv[1], argv[2])
+  return 1
+end
+
+redis.register_function{function_name = 'eventflow_version', callback = version,
+  flags = {'no-writes', 'allow-stale'}}
+redis.register_function('eventflow_submit_job', submit_job)
+redis.register_function('eventflow_acquire_lease', acquire_lease)
+redis.register_function('eventflow_renew_lease', renew_lease)
+redis.register_function('eventflow_release_lease', release_lease)
+redis.register_function('eventflow_commit_result', commit_result)
+redis.register_function('eventflow_ack_entry', ack_entry)
+redis.register_function('eventflow_record_failure', record_failure)
+redis.register_function('eventflow_dead_letter', dead_letter)
+redis.register_function('eventflow_report_progress', report_progress)
+redis.register_function('eventflow_cancel_job', cancel_job)
+redis.register_function('eventflow_reap_consumer', reap_consumer)

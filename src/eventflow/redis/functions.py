@@ -1,0 +1,275 @@
+"""Typed wrappers, one per function in eventflow.lua: the only place that calls FCALL or XACK.
+
+Each wrapper builds its KEYS with :class:`eventflow.keys.Keys` and turns the reply (or a coded error)
+into a Python value or exception, so callers never parse Redis replies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from eventflow.contract import now_ms
+from eventflow.errors import EpochMismatch, LibraryMismatch, LostLease
+from eventflow.keys import Keys
+
+LIBRARY_NAME = "eventflow"
+
+
+def library_source() -> str:
+    """The Lua source of the Function library."""
+    return resources.files("eventflow.redis").joinpath("eventflow.lua").read_text()
+
+
+def library_version(source: str | None = None) -> str:
+    """LIBRARY_VERSION declared in the Lua source."""
+    match = re.search(r"^local LIBRARY_VERSION = '([^']+)'", source or library_source(), re.M)
+    if match is None:  # pragma: no cover - guarded by a unit test
+        raise RuntimeError("eventflow.lua declares no LIBRARY_VERSION")
+    return match.group(1)
+
+
+class Backpressure(Exception):
+    """The backlog is at its bound; nothing was written."""
+
+    def __init__(self, backlog: int) -> None:
+        super().__init__(f"backlog {backlog} at or above the bound")
+        self.backlog = backlog
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was reused for a different request."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key already used for job {job_id} with another request")
+        self.job_id = job_id
+
+
+class NotOwner(Exception):
+    """The entry is pending for another consumer: this caller must not ack or dead-letter it."""
+
+
+class Fenced(LostLease):
+    """A newer attempt holds a higher fencing token; the caller's result is refused."""
+
+
+class GroupMissing(Exception):
+    """The job stream or its consumer group does not exist (not bootstrapped, or deleted)."""
+
+
+def _code(exc: ResponseError) -> str:
+    return str(exc).split(" ", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """Result of :func:`submit_job`."""
+
+    job_id: str
+    created: bool
+    entry_id: str
+
+
+class Functions:
+    """The Function library bound to one connection and one key layout."""
+
+    def __init__(self, redis: Redis, keys: Keys, event_stream_maxlen: int = 100_000) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.event_cap = str(event_stream_maxlen)
+
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self.redis.fcall(name, len(keys), *keys, *[str(a) for a in args])
+
+    async def version(self) -> str | None:
+        """The loaded library's version, or None if it is not loaded."""
+        try:
+            reply = await self.redis.fcall_ro("eventflow_version", 0)
+        except ResponseError as exc:
+            if "Function not found" in str(exc) or "function not found" in str(exc).lower():
+                return None
+            raise
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    async def check_version(self) -> str:
+        """Raise LibraryMismatch unless the server runs exactly this code's library version."""
+        expected = library_version()
+        found = await self.version()
+        if found != expected:
+            raise LibraryMismatch(
+                f"Redis Function library version {found!r} on the server, this code needs {expected!r}; "
+                "run `eventflow bootstrap`"
+            )
+        return found
+
+    async def submit_job(
+        self,
+        *,
+        job_id: str,
+        request_hash: str,
+        tenant: str,
+        entry_fields: dict[str, str],
+        max_backlog: int,
+        idempotency_key: str | None = None,
+        dedupe_ttl_ms: int = 0,
+    ) -> Submitted:
+        """Idempotent admission (eventflow_submit_job)."""
+        k = self.keys
+        idem_key = k.idempotency(tenant, idempotency_key) if idempotency_key else k.idempotency(tenant, "-")
+        flat: list[str] = []
+        for name, value in entry_fields.items():
+            flat += [name, value]
+        try:
+            reply = await self._call(
+                "eventflow_submit_job",
+                [k.job_stream, k.dedupe(request_hash), idem_key, k.job_state(job_id), k.event_stream, k.epoch],
+                [k.group, max_backlog, "1" if idempotency_key else "0", job_id, request_hash, tenant,
+                 now_ms(), self.event_cap, dedupe_ttl_ms, *flat],
+            )
+        except ResponseError as exc:
+            code = _code(exc)
+            if code == "BACKLOG":
+                raise Backpressure(int(str(exc).split()[1])) from None
+            if code == "IDEMCONFLICT":
+                raise IdempotencyConflict(str(exc).split()[1]) from None
+            if code == "EPOCH":
+                raise EpochMismatch(str(exc)) from None
+            if code == "NOGROUP":
+                raise GroupMissing(str(exc)) from None
+            raise
+        return Submitted(job_id=_s(reply[0]), created=int(reply[1]) == 1, entry_id=_s(reply[2]))
+
+    async def acquire_lease(
+        self, request_hash: str, job_id: str, token: str, ttl_ms: int, event_fields: dict[str, str]
+    ) -> int:
+        """Take the lease: fencing token >= 1, 0 if held by another worker, -1 if the job is cancelled."""
+        k = self.keys
+        reply = await self._call(
+            "eventflow_acquire_lease",
+            [k.lease(request_hash), k.fence(request_hash), k.job_state(job_id), k.event_stream],
+            [token, ttl_ms, now_ms(), self.event_cap, *_flat(event_fields)],
+        )
+        return int(reply)
+
+    async def renew_lease(self, request_hash: str, token: str, ttl_ms: int) -> bool:
+        """Extend the lease; False means it was lost (stop the job, write nothing)."""
+        return int(await self._call("eventflow_renew_lease", [self.keys.lease(request_hash)], [token, ttl_ms])) == 1
+
+    async def release_lease(self, request_hash: str, token: str) -> bool:
+        """Drop the lease if this token still holds it."""
+        return int(await self._call("eventflow_release_lease", [self.keys.lease(request_hash)], [token])) == 1
+
+    async def commit_result(
+        self, request_hash: str, job_id: str, token: str, fence: int, result_json: str,
+        event_fields: dict[str, str],
+    ) -> str:
+        """Commit the result: "committed", "exists" or "cancelled"; raises LostLease/Fenced."""
+        k = self.keys
+        try:
+            reply = await self._call(
+                "eventflow_commit_result",
+                [k.result(request_hash), k.fence(request_hash), k.lease(request_hash), k.job_state(job_id),
+                 k.event_stream],
+                [token, fence, result_json, now_ms(), self.event_cap, *_flat(event_fields)],
+            )
+        except ResponseError as exc:
+            if _code(exc) == "LEASELOST":
+                raise LostLease(str(exc)) from None
+            if _code(exc) == "FENCED":
+                raise Fenced(str(exc)) from None
+            raise
+        return _s(reply)
+
+    async def ack_entry(self, entry_id: str, consumer: str, request_hash: str | None, token: str | None) -> bool:
+        """Owner-checked ack; True if acked, False if it was no longer pending."""
+        k = self.keys
+        lease_key = k.lease(request_hash) if request_hash else k.job_stream
+        try:
+            reply = await self._call(
+                "eventflow_ack_entry", [k.job_stream, lease_key], [k.group, entry_id, consumer, token or ""]
+            )
+        except ResponseError as exc:
+            if _code(exc) == "NOTOWNER":
+                raise NotOwner(str(exc)) from None
+            if _code(exc) == "LEASELOST":
+                raise LostLease(str(exc)) from None
+            raise
+        return int(reply) == 1
+
+    async def record_failure(
+        self, entry_id: str, job_id: str, failure_class: str, message: str, event_fields: dict[str, str]
+    ) -> int:
+        """Record an attempt's failure on the entry; returns how many failures it has."""
+        k = self.keys
+        reply = await self._call(
+            "eventflow_record_failure",
+            [k.failure(entry_id), k.job_state(job_id), k.event_stream],
+            [failure_class, message[:2000], now_ms(), self.event_cap, *_flat(event_fields)],
+        )
+        return int(reply)
+
+    async def dead_letter(
+        self,
+        entry_id: str,
+        *,
+        job_id: str = "",
+        request_hash: str = "",
+        consumer: str = "",
+        failure_class: str = "",
+        message: str = "",
+        min_deliveries: int = 0,
+    ) -> str | None:
+        """Move a pending entry to the DLQ; returns the DLQ id, or None if it was not (or no longer) due."""
+        k = self.keys
+        try:
+            reply = await self._call(
+                "eventflow_dead_letter",
+                [k.job_stream, k.dead_letter_stream, k.job_state(job_id or "-"), k.event_stream,
+                 k.failure(entry_id)],
+                [k.group, entry_id, consumer, failure_class, message[:2000], now_ms(), self.event_cap,
+                 min_deliveries, job_id, request_hash],
+            )
+        except ResponseError as exc:
+            if _code(exc) == "NOTOWNER":
+                raise NotOwner(str(exc)) from None
+            raise
+        dlq_id = _s(reply)
+        return dlq_id or None
+
+    async def report_progress(self, job_id: str, fraction: float, event_fields: dict[str, str]) -> str:
+        """Record progress; returns the job state (e.g. "cancelled" tells the worker to stop)."""
+        k = self.keys
+        reply = await self._call(
+            "eventflow_report_progress", [k.job_state(job_id), k.event_stream],
+            [f"{fraction:.4f}", now_ms(), self.event_cap, *_flat(event_fields)],
+        )
+        return _s(reply)
+
+    async def cancel_job(self, job_id: str) -> str:
+        """Cancel a job; returns the resulting state, or "" if there is no such job."""
+        k = self.keys
+        return _s(await self._call("eventflow_cancel_job", [k.job_state(job_id), k.event_stream],
+                                   [now_ms(), self.event_cap]))
+
+    async def reap_consumer(self, consumer: str) -> bool:
+        """Delete a consumer whose heartbeat is gone and whose pending list is empty."""
+        k = self.keys
+        reply = await self._call("eventflow_reap_consumer", [k.job_stream, k.heartbeat(consumer)],
+                                 [k.group, consumer])
+        return int(reply) == 1
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    out: list[str] = []
+    for name, value in fields.items():
+        out += [name, str(value)]
+    return out

@@ -1,0 +1,185 @@
+"""EventflowSettings: every setting, from ``EVENTFLOW_<GROUP>__<FIELD>`` environment variables.
+
+Built once at an entry point and passed down; nothing else reads ``os.environ``. docs/configuration.md
+is generated from this model (``eventflow config-docs``) and a test fails when it drifts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from eventflow.errors import ConfigError
+
+ENV_PREFIX = "EVENTFLOW_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class RedisSettings(BaseModel):
+    """Where Redis is and how to talk to it."""
+
+    url: str | None = Field(
+        default=None,
+        description="Redis URL (redis://host:port/db). Unset: `eventflow up` starts an embedded server; "
+        "every other command refuses to start.",
+    )
+    password: SecretStr | None = Field(default=None, description="Password (or ACL user password).")
+    socket_timeout_s: float = Field(default=5.0, gt=0, description="Per-command socket timeout, seconds.")
+    connect_timeout_s: float = Field(default=2.0, gt=0, description="Connect timeout, seconds.")
+    require_aof: bool = Field(
+        default=True, description="Readiness fails unless the server has appendonly=yes (durability)."
+    )
+
+
+class StreamSettings(BaseModel):
+    """Stream names and the consumer group."""
+
+    prefix: str = Field(
+        default="eventflow", pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$", description="Prefix of every Redis key."
+    )
+    group: str = Field(default="ndvi-workers", min_length=1, max_length=64, description="Consumer group name.")
+    max_deliveries: int = Field(
+        default=5, ge=1, le=100, description="Delivery ceiling: an entry delivered this many times is dead-lettered."
+    )
+    event_stream_maxlen: int = Field(
+        default=100_000, ge=1000, description="Approximate cap on the lifecycle-event stream (entries)."
+    )
+
+
+class IngestSettings(BaseModel):
+    """The HTTP admission service."""
+
+    host: str = Field(default="127.0.0.1", description="Listen address.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Listen port (0 picks a free port).")
+    max_backlog: int = Field(
+        default=100_000, ge=1, description="Consumer-group lag + pending above which POST answers 429 (entries)."
+    )
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 429/503, seconds.")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted request body, bytes.")
+    tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description='Static bearer tokens as JSON {"token": "tenant"}. Empty: no auth, tenant "default" '
+        "(refused outside `eventflow up` unless allow_anonymous is set).",
+    )
+    allow_anonymous: bool = Field(default=False, description="Accept requests without a token (tenant \"default\").")
+
+
+class ConsumerSettings(BaseModel):
+    """The worker runtime."""
+
+    name: str | None = Field(default=None, description="Consumer name; default hostname-pid-random.")
+    concurrency: int = Field(default=2, ge=1, le=64, description="Jobs in flight per process.")
+    batch_size: int = Field(default=10, ge=1, le=1000, description="XREADGROUP COUNT.")
+    block_ms: int = Field(default=1000, ge=1, le=60_000, description="XREADGROUP BLOCK, milliseconds.")
+    lease_ttl_ms: int = Field(default=30_000, ge=1000, description="Execution lease time-to-live, ms.")
+    heartbeat_interval_ms: int = Field(default=5_000, ge=100, description="Lease/heartbeat renewal period, ms.")
+    heartbeat_ttl_ms: int = Field(default=20_000, ge=1000, description="Consumer heartbeat key TTL, ms.")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="Grace period for in-flight jobs on SIGTERM, s.")
+    pending_rescan_s: float = Field(default=5.0, gt=0, description="How often to process entries the reaper "
+                                    "assigned to this consumer, seconds.")
+
+
+class ReaperSettings(BaseModel):
+    """The recovery controller."""
+
+    interval_s: float = Field(default=5.0, gt=0, description="Seconds between reaper cycles.")
+    min_idle_ms: int = Field(default=60_000, ge=100, description="Pending idle time before an entry is reclaimed, ms.")
+    claim_batch: int = Field(default=100, ge=1, le=10_000, description="Entries examined per cycle.")
+
+
+class NdviSettings(BaseModel):
+    """Where inputs may come from and where outputs go."""
+
+    data_roots: list[Path] = Field(
+        default_factory=list, description='Directories file:// inputs must lie under (JSON list of paths).'
+    )
+    output_root: Path = Field(default=Path("./.eventflow/outputs"), description="Directory for NDVI outputs.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts (https) and buckets (s3) remote inputs may come from."
+    )
+    max_pixels: int = Field(default=400_000_000, ge=1, description="Largest raster accepted, width*height pixels.")
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus exposition for the consumer and reaper (ingest serves /metrics on its own port)."""
+
+    enabled: bool = Field(default=True, description="Serve /metrics.")
+    host: str = Field(default="127.0.0.1", description="Metrics listen address.")
+    port: int = Field(default=9102, ge=0, le=65535, description="Metrics port (0 picks a free port).")
+
+
+class OperatorSettings(BaseModel):
+    """The kopf operator."""
+
+    namespace: str | None = Field(default=None, description="Namespace to watch; unset watches all.")
+
+
+class LogSettings(BaseModel):
+    """Logging."""
+
+    level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")
+    json_format: bool = Field(default=True, description="JSON lines (true) or plain text (false).")
+
+
+class EventflowSettings(BaseSettings):
+    """All EventFlow settings, grouped by component."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="ignore", frozen=True
+    )
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    streams: StreamSettings = Field(default_factory=StreamSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
+    reaper: ReaperSettings = Field(default_factory=ReaperSettings)
+    ndvi: NdviSettings = Field(default_factory=NdviSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    operator: OperatorSettings = Field(default_factory=OperatorSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @field_validator("ndvi")
+    @classmethod
+    def _roots_absolute(cls, value: NdviSettings) -> NdviSettings:
+        return value.model_copy(update={
+            "data_roots": [p.expanduser().resolve() for p in value.data_roots],
+            "output_root": value.output_root.expanduser().resolve(),
+        })
+
+
+def env_name(loc: tuple[Any, ...]) -> str:
+    """The environment variable for a validation error location, e.g. EVENTFLOW_CONSUMER__BATCH_SIZE."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in parts[:2])
+
+
+def load_settings(**overrides: Any) -> EventflowSettings:
+    """Build settings from the environment; a bad value raises ConfigError naming the variable."""
+    try:
+        return EventflowSettings(**overrides)
+    except ValidationError as exc:
+        problems = [f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+def settings_env(settings: EventflowSettings) -> dict[str, str]:
+    """Settings flattened back to EVENTFLOW_* variables, to hand to child processes."""
+    env: dict[str, str] = {}
+    for group, model in settings:
+        for name, value in model:
+            if value is None:
+                continue
+            key = f"{ENV_PREFIX}{group.upper()}{ENV_NESTED_DELIMITER}{name.upper()}"
+            if isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
+            elif isinstance(value, list | dict):
+                env[key] = json.dumps([str(v) for v in value] if isinstance(value, list) else value)
+            elif isinstance(value, bool):
+                env[key] = "true" if value else "false"
+            else:
+                env[key] = str(value)
+    return env

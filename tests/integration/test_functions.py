@@ -1,0 +1,200 @@
+"""The Function library on a real server: admission, leases, fencing, owner-checked ack, DLQ, reaping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from eventflow.contract import NdviJobRequest, StreamEntry, new_job_id, now_ms
+from eventflow.errors import EpochMismatch, LostLease
+from eventflow.keys import Keys
+from eventflow.redis.client import bootstrap
+from eventflow.redis.functions import Backpressure, Fenced, Functions, IdempotencyConflict, NotOwner, library_version
+
+REQ = {"farm_id": "farm-1", "inputs": {"href": "file:///tmp/x.tif", "red_band": 1, "nir_band": 2}}
+
+
+async def submit(functions: Functions, body: dict | None = None, tenant: str = "t", **kw: object):
+    req = NdviJobRequest.model_validate(body or REQ)
+    h = req.hash_for(tenant)
+    entry = StreamEntry(job_id=new_job_id(), request_hash=h, tenant=tenant, enqueued_at_ms=now_ms(), trace_id="tr",
+                        payload=req.normalized())
+    return await functions.submit_job(job_id=entry.job_id, request_hash=h, tenant=tenant,
+                                      entry_fields=entry.to_fields(), max_backlog=kw.pop("max_backlog", 1000), **kw)
+
+
+async def test_version_matches_source(functions: Functions) -> None:
+    assert await functions.version() == library_version()
+
+
+async def test_submit_is_idempotent_per_tenant(functions: Functions, redis: Redis, keys: Keys) -> None:
+    first = await submit(functions)
+    again = await submit(functions)
+    other_tenant = await submit(functions, tenant="u")
+    assert first.created and not again.created and other_tenant.created
+    assert again.job_id == first.job_id and other_tenant.job_id != first.job_id
+    assert await redis.xlen(keys.job_stream) == 2
+    state = await redis.hgetall(keys.job_state(first.job_id))
+    assert state["state"] == "queued" and state["entry_id"] == first.entry_id
+    events = await redis.xrange(keys.event_stream)
+    assert [e[1]["type"] for e in events] == ["queued", "queued"]
+
+
+async def test_concurrent_identical_submits_make_one_entry(functions: Functions, redis: Redis, keys: Keys) -> None:
+    results = await asyncio.gather(*[submit(functions) for _ in range(50)])
+    assert len({r.job_id for r in results}) == 1
+    assert sum(r.created for r in results) == 1
+    assert await redis.xlen(keys.job_stream) == 1
+
+
+async def test_idempotency_key(functions: Functions, redis: Redis, keys: Keys) -> None:
+    a = await submit(functions, idempotency_key="k1")
+    b = await submit(functions, idempotency_key="k1")
+    assert a.job_id == b.job_id and not b.created
+    other = {**REQ, "farm_id": "farm-2"}
+    with pytest.raises(IdempotencyConflict):
+        await submit(functions, other, idempotency_key="k1")
+    assert await redis.xlen(keys.job_stream) == 1
+
+
+async def test_backlog_bound_refuses_without_writing(functions: Functions, redis: Redis, keys: Keys) -> None:
+    for i in range(3):
+        await submit(functions, {**REQ, "farm_id": f"farm-{i}"}, max_backlog=3)
+    with pytest.raises(Backpressure) as info:
+        await submit(functions, {**REQ, "farm_id": "farm-9"}, max_backlog=3)
+    assert info.value.backlog == 3
+    assert await redis.xlen(keys.job_stream) == 3
+    # Pending entries count toward the backlog too; acked ones do not.
+    rows = await redis.xreadgroup(keys.group, "c1", {keys.job_stream: ">"}, count=3)
+    assert len(rows[0][1]) == 3
+    with pytest.raises(Backpressure):
+        await submit(functions, {**REQ, "farm_id": "farm-9"}, max_backlog=3)
+    await functions.ack_entry(rows[0][1][0][0], "c1", None, None)
+    assert (await submit(functions, {**REQ, "farm_id": "farm-9"}, max_backlog=3)).created
+
+
+async def test_wiped_server_is_refused(functions: Functions, redis: Redis, keys: Keys) -> None:
+    await redis.delete(keys.epoch)
+    with pytest.raises(EpochMismatch):
+        await submit(functions)
+    assert await redis.xlen(keys.job_stream) == 0
+    # bootstrap refuses too when EventFlow streams exist without the epoch (partly wiped server)
+    await redis.xadd(keys.event_stream, {"type": "queued"})
+    with pytest.raises(EpochMismatch):
+        await bootstrap(redis, keys)
+
+
+async def lease(functions: Functions, h: str = "h1", job: str = "j1", token: str = "tok", ttl: int = 10_000) -> int:
+    return await functions.acquire_lease(h, job, token, ttl, {"job_id": job})
+
+
+async def test_lease_is_exclusive_and_fencing_increases(functions: Functions, redis: Redis, keys: Keys) -> None:
+    assert await lease(functions, token="a", ttl=200) == 1
+    assert await lease(functions, token="b") == 0
+    assert not await functions.renew_lease("h1", "b", 1000)
+    assert await functions.renew_lease("h1", "a", 200)
+    await asyncio.sleep(0.3)
+    assert await lease(functions, token="b") == 2
+    assert not await functions.release_lease("h1", "a")
+    assert await functions.release_lease("h1", "b")
+    assert await redis.hget(keys.job_state("j1"), "attempts") == "2"
+
+
+async def test_zombie_commit_is_refused(functions: Functions, redis: Redis, keys: Keys) -> None:
+    zombie = await lease(functions, token="zombie", ttl=100)
+    await asyncio.sleep(0.2)  # the zombie's lease expires while it is paused
+    fresh = await lease(functions, token="fresh")
+    assert fresh > zombie
+    with pytest.raises(LostLease):
+        await functions.commit_result("h1", "j1", "zombie", zombie, '{"who":"zombie"}', {})
+    assert await functions.commit_result("h1", "j1", "fresh", fresh, '{"who":"fresh"}', {}) == "committed"
+    assert await redis.hget(keys.result("h1"), "fence") == str(fresh)
+    # Even a zombie that somehow holds the current lease token cannot commit an older fence.
+    await redis.delete(keys.result("h1"))
+    with pytest.raises(Fenced):
+        await functions.commit_result("h1", "j1", "fresh", zombie, "{}", {})
+    assert not await redis.exists(keys.result("h1"))
+
+
+async def test_commit_is_once_only(functions: Functions, redis: Redis, keys: Keys) -> None:
+    fence = await lease(functions, token="a")
+    assert await functions.commit_result("h1", "j1", "a", fence, '{"n":1}', {}) == "committed"
+    assert await functions.commit_result("h1", "j1", "a", fence, '{"n":2}', {}) == "exists"
+    assert await redis.hget(keys.result("h1"), "json") == '{"n":1}'
+    assert await redis.hget(keys.job_state("j1"), "state") == "succeeded"
+
+
+async def test_ack_checks_owner_and_lease(functions: Functions, redis: Redis, keys: Keys) -> None:
+    sub = await submit(functions)
+    await redis.xreadgroup(keys.group, "old", {keys.job_stream: ">"}, count=1)
+    # The reaper hands the entry to "new"; the old owner (a zombie) must not be able to ack it.
+    await redis.xclaim(keys.job_stream, keys.group, "new", 0, [sub.entry_id])
+    with pytest.raises(NotOwner):
+        await functions.ack_entry(sub.entry_id, "old", None, None)
+    assert (await redis.xpending(keys.job_stream, keys.group))["pending"] == 1
+    fence = await lease(functions, token="tok")
+    assert fence >= 1
+    with pytest.raises(LostLease):
+        await functions.ack_entry(sub.entry_id, "new", "h1", "other-token")
+    assert await functions.ack_entry(sub.entry_id, "new", "h1", "tok")
+    assert not await functions.ack_entry(sub.entry_id, "new", "h1", "tok")
+
+
+async def test_raw_xack_control_shows_the_hazard(functions: Functions, redis: Redis, keys: Keys) -> None:
+    """Negative control: a raw XACK from the old owner silently drops the new owner's entry."""
+    sub = await submit(functions)
+    await redis.xreadgroup(keys.group, "old", {keys.job_stream: ">"}, count=1)
+    await redis.xclaim(keys.job_stream, keys.group, "new", 0, [sub.entry_id])
+    assert await redis.xack(keys.job_stream, keys.group, sub.entry_id) == 1
+    assert (await redis.xpending(keys.job_stream, keys.group))["pending"] == 0
+
+
+async def test_dead_letter_is_atomic_and_once(functions: Functions, redis: Redis, keys: Keys) -> None:
+    sub = await submit(functions)
+    await redis.xreadgroup(keys.group, "c1", {keys.job_stream: ">"}, count=1)
+    await functions.record_failure(sub.entry_id, sub.job_id, "transient", "boom 1", {})
+    await functions.record_failure(sub.entry_id, sub.job_id, "transient", "boom 2", {})
+    results = await asyncio.gather(*[functions.dead_letter(sub.entry_id, job_id=sub.job_id, request_hash="h")
+                                     for _ in range(5)])
+    assert len([r for r in results if r]) == 1
+    dlq = await redis.xrange(keys.dead_letter_stream)
+    assert len(dlq) == 1
+    record = dlq[0][1]
+    assert record["original_entry_id"] == sub.entry_id
+    assert record["failure_class"] == "transient" and record["failure_message"] == "boom 2"
+    assert int(record["first_failure_ms"]) <= int(record["last_failure_ms"])
+    assert '"job_id"' in record["payload"] and record["delivery_count"] == "1"
+    assert (await redis.xpending(keys.job_stream, keys.group))["pending"] == 0
+    assert await redis.hget(keys.job_state(sub.job_id), "state") == "dead_lettered"
+
+
+async def test_dead_letter_respects_minimum_deliveries(functions: Functions, redis: Redis, keys: Keys) -> None:
+    sub = await submit(functions)
+    await redis.xreadgroup(keys.group, "c1", {keys.job_stream: ">"}, count=1)
+    assert await functions.dead_letter(sub.entry_id, min_deliveries=2) is None
+    await redis.xclaim(keys.job_stream, keys.group, "c2", 0, [sub.entry_id])
+    assert await functions.dead_letter(sub.entry_id, min_deliveries=2)
+
+
+async def test_reap_consumer_only_when_dead_and_empty(functions: Functions, redis: Redis, keys: Keys) -> None:
+    sub = await submit(functions)
+    await redis.xreadgroup(keys.group, "dead", {keys.job_stream: ">"}, count=1)
+    await redis.set(keys.heartbeat("alive"), "1")
+    await redis.xgroup_createconsumer(keys.job_stream, keys.group, "alive")
+    assert not await functions.reap_consumer("dead")  # still owns a pending entry
+    assert not await functions.reap_consumer("alive")  # heartbeat present
+    await functions.ack_entry(sub.entry_id, "dead", None, None)
+    assert await functions.reap_consumer("dead")
+    names = {c["name"] for c in await redis.xinfo_consumers(keys.job_stream, keys.group)}
+    assert names == {"alive"}
+
+
+async def test_cancel(functions: Functions, redis: Redis, keys: Keys) -> None:
+    sub = await submit(functions)
+    assert await functions.cancel_job(sub.job_id) == "cancelled"
+    assert await functions.cancel_job(sub.job_id) == "cancelled"
+    assert await functions.cancel_job("nope") == ""
+    h = await redis.hget(keys.job_state(sub.job_id), "request_hash")
+    assert await functions.acquire_lease(h, sub.job_id, "t", 1000, {}) == -1

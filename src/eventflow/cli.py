@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -65,63 +67,25 @@ def sample_request() -> dict[str, Any]:
 
 # ---------------------------------------------------------------- service commands
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    """Serve the ingest HTTP API."""
-    import uvicorn
-    from eventflow_ingest.app import create_app
+#: Service name -> module with ``run(settings) -> int``. Imported by name so the shared package does
+#: not depend on the services (each service depends on it); only the chosen one is loaded.
+SERVICE_MODULES = {
+    "ingest": "eventflow_ingest.app",
+    "consumer": "eventflow_consumer.worker",
+    "reaper": "eventflow_reaper.reclaim",
+}
 
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """Run one service (ingest, consumer, reaper) until SIGTERM."""
     settings = _service_settings(args)
-    if not settings.redis.url:
-        raise ConfigError("EVENTFLOW_REDIS__URL: not set")
-    if not settings.ingest.tokens and not settings.ingest.allow_anonymous:
-        raise ConfigError("EVENTFLOW_INGEST__TOKENS: no bearer tokens configured; set tokens or "
-                          "EVENTFLOW_INGEST__ALLOW_ANONYMOUS=true (development only)")
-    uvicorn.run(create_app(settings), host=settings.ingest.host, port=settings.ingest.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=10)
-    return 0
-
-
-def cmd_consumer(args: argparse.Namespace) -> int:
-    """Run one consumer until SIGTERM."""
-    from eventflow_consumer.worker import serve
-
-    from eventflow.redis.client import connect
-
-    settings = _service_settings(args)
-
-    async def main() -> int:
-        redis = connect(settings)
-        try:
-            return await serve(settings, redis)
-        finally:
-            await redis.aclose()
-
-    return asyncio.run(main())
-
-
-def cmd_reaper(args: argparse.Namespace) -> int:
-    """Run the reaper until SIGTERM."""
-    from eventflow_reaper.reclaim import serve
-
-    from eventflow.redis.client import connect
-
-    settings = _service_settings(args)
-
-    async def main() -> int:
-        redis = connect(settings)
-        try:
-            return await serve(settings, redis)
-        finally:
-            await redis.aclose()
-
-    return asyncio.run(main())
+    module = importlib.import_module(SERVICE_MODULES[args.command])
+    return int(module.run(settings))
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
     """Run the kopf operator (needs the [operator] extra)."""
-    try:
-        import kopf  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("kopf") is None:
         print("eventflow operator: kopf is not installed; pip install 'eventflow[operator]'", file=sys.stderr)
         return 2
     os.execvp(sys.executable, [sys.executable, "-m", "kopf", "run", "--standalone", "-m",
@@ -429,9 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=120.0, help="--demo: seconds to wait for the result")
     up.set_defaults(func=cmd_up)
 
-    for name, func, text in (("ingest", cmd_ingest, "serve the ingest HTTP API"),
-                             ("consumer", cmd_consumer, "run one consumer"),
-                             ("reaper", cmd_reaper, "run the reaper"),
+    for name, func, text in (("ingest", cmd_service, "serve the ingest HTTP API"),
+                             ("consumer", cmd_service, "run one consumer"),
+                             ("reaper", cmd_service, "run the reaper"),
                              ("bootstrap", cmd_bootstrap, "load Redis functions, create stream/group, write epoch")):
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)

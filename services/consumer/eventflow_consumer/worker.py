@@ -351,3 +351,17 @@ async def serve(settings: EventflowSettings, redis: Redis) -> int:
         worker.metrics = ConsumerMetrics(registry)
         start_http_server(settings.metrics.port, settings.metrics.host, registry=registry)
     return await worker.run()
+
+
+def run(settings: EventflowSettings) -> int:
+    """Entry point used by ``eventflow consumer``: connect, serve until SIGTERM, close."""
+    from eventflow.redis.client import connect
+
+    async def main() -> int:
+        redis = connect(settings)
+        try:
+            return await serve(settings, redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())

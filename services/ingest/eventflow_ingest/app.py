@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from eventflow import __version__
+from eventflow.errors import ConfigError
 from eventflow.metrics import IngestMetrics
 from eventflow.redis.client import connect, functions_for, keys_for
 from eventflow.settings import EventflowSettings
@@ -107,3 +108,17 @@ def create_app(settings: EventflowSettings) -> FastAPI:
     app.include_router(routes.health_router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.ingest.max_body_bytes)
     return app
+
+
+def run(settings: EventflowSettings) -> int:
+    """Entry point used by ``eventflow ingest``: serve HTTP until SIGTERM."""
+    import uvicorn
+
+    if not settings.redis.url:
+        raise ConfigError("EVENTFLOW_REDIS__URL: not set")
+    if not settings.ingest.tokens and not settings.ingest.allow_anonymous:
+        raise ConfigError("EVENTFLOW_INGEST__TOKENS: no bearer tokens configured; set tokens or "
+                          "EVENTFLOW_INGEST__ALLOW_ANONYMOUS=true (development only)")
+    uvicorn.run(create_app(settings), host=settings.ingest.host, port=settings.ingest.port, log_config=None,
+                access_log=False, timeout_graceful_shutdown=10)
+    return 0

@@ -6,7 +6,11 @@ import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventflow.errors import ConfigError, EpochMismatch
 from eventflow.keys import Keys
@@ -31,6 +35,10 @@ def connect(settings: EventflowSettings) -> Redis:
         socket_timeout=settings.redis.socket_timeout_s,
         socket_connect_timeout=settings.redis.connect_timeout_s,
         health_check_interval=30,
+        # Commands are retried after a lost connection. That is safe only because every write that
+        # must not happen twice is a Redis Function that recognises its own retry (see eventflow.lua).
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 
 

@@ -55,7 +55,8 @@ ARGV[1] consumer group      ARGV[2] max backlog (entries; lag + pending)
 ARGV[3] "1" to use KEYS[3]  ARGV[4] new job id      ARGV[5] request hash
 ARGV[6] tenant              ARGV[7] now (ms)        ARGV[8] event stream cap (entries)
 ARGV[9] idempotency/dedupe TTL (ms, "0" = keep)     ARGV[10..] job entry fields (flat name, value list)
-Reply: {job_id, created (1 new / 0 duplicate), entry id or ""}
+Reply: {job_id, created (1 new / 0 duplicate), entry id or ""}. A retry of the same call (same job id,
+  e.g. redis-py resending after a lost reply) answers created=1 with the original entry id, once.
 Errors: EPOCH (server wiped or never bootstrapped), NOGROUP (stream/group missing),
   BACKLOG <n> (backlog at or above the bound; nothing written), IDEMCONFLICT <job_id> (key reused for
   another request).
@@ -65,7 +66,11 @@ local function submit_job(keys, argv)
     return redis.error_reply('EPOCH eventflow epoch key missing: server wiped or not bootstrapped')
   end
   local existing = redis.call('GET', keys[2])
-  if existing then return {existing, 0, ''} end
+  if existing then
+    -- The same job id means this is a client retry of a call whose reply was lost: report it as created.
+    if existing == argv[4] then return {existing, 1, redis.call('HGET', keys[4], 'entry_id') or ''} end
+    return {existing, 0, ''}
+  end
   if argv[3] == '1' then
     local idem = redis.call('GET', keys[3])
     if idem then

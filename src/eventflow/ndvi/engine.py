@@ -143,7 +143,7 @@ def _declared(values: tuple[float, ...], band: int, default: float) -> float:
 
 def _resolve_radiometry(params: NdviParams, red: DatasetReader, nir: DatasetReader) -> tuple[float, float]:
     """Pick the scale and offset applied to both bands; refuse ambiguous file declarations."""
-    resolved = []
+    resolved: list[float] = []
     for name, override, attr, default in (
         ("scale", params.scale, "scales", 1.0),
         ("offset", params.offset, "offsets", 0.0),
@@ -320,7 +320,7 @@ def reference_ndvi(params: NdviParams) -> npt.NDArray[np.float64]:
     Follows the pixel rules in the module docstring but reads each band at once, without windows,
     streaming statistics or the engine's helpers (except driver-restricted opening and validation).
     """
-    bands = []
+    bands: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]] = []
     with open_input(params.red, "red") as red_ds, open_input(params.nir, "NIR") as nir_ds:
         _check_same_grid(red_ds, nir_ds)
         for dataset, source in ((red_ds, params.red), (nir_ds, params.nir)):

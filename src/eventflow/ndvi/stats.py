@@ -100,7 +100,7 @@ class StatsAccumulator:
         if self.valid_count == 0:
             return []
         cumulative = np.cumsum(self._high)
-        located = []
+        located: list[tuple[int, int]] = []
         for rank in ((self.valid_count - 1) // 2, self.valid_count // 2):
             bin_ = int(np.searchsorted(cumulative, rank, side="right"))
             before = int(cumulative[bin_ - 1]) if bin_ > 0 else 0
@@ -123,7 +123,7 @@ class StatsAccumulator:
             for bin_ in wanted:
                 picked = keys[high == bin_] & np.uint32(0xFFFF)
                 low[bin_] += np.bincount(picked, minlength=_BINS)
-        middle = []
+        middle: list[float] = []
         for bin_, rank in located:
             low_bin = int(np.searchsorted(np.cumsum(low[bin_]), rank, side="right"))
             key = np.array([(bin_ << 16) | low_bin], dtype=np.uint32)

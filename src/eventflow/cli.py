@@ -88,9 +88,11 @@ def cmd_operator(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("kopf") is None:
         print("eventflow operator: kopf is not installed; pip install 'eventflow[operator]'", file=sys.stderr)
         return 2
+    settings = _settings()
+    namespace = args.namespace or settings.operator.namespace
     os.execvp(sys.executable, [sys.executable, "-m", "kopf", "run", "--standalone", "-m",
-                               "eventflow_operator.handlers", *(["--namespace", args.namespace] if args.namespace
-                                                                  else ["--all-namespaces"])])
+                               "eventflow_operator.handlers", f"--liveness={settings.operator.liveness_url}",
+                               *(["--namespace", namespace] if namespace else ["--all-namespaces"])])
     return 0  # pragma: no cover - execvp does not return
 
 

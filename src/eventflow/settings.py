@@ -116,6 +116,8 @@ class OperatorSettings(BaseModel):
     """The kopf operator."""
 
     namespace: str | None = Field(default=None, description="Namespace to watch; unset watches all.")
+    liveness_url: str = Field(default="http://0.0.0.0:8080/healthz",
+                              description="kopf liveness endpoint (the chart's liveness probe calls it).")
 
 
 class LogSettings(BaseModel):

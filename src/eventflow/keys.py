@@ -16,6 +16,7 @@ layout below is the whole truth about what lives in Redis (docs/contract.md mirr
 | lease(request_hash)       | eventflow:lease:{request_hash}            | string      |
 | fence(request_hash)       | eventflow:fence:{request_hash}            | counter     |
 | failure(entry_id)         | eventflow:failure:{entry_id}              | hash        |
+| retry_schedule            | eventflow:retries                         | zset        |
 | heartbeat(consumer)       | eventflow:consumer:{consumer}             | string+TTL  |
 | reaper_heartbeat          | eventflow:reaper:heartbeat                | string+TTL  |
 | epoch                     | eventflow:epoch                           | string      |
@@ -48,6 +49,11 @@ class Keys:
     def event_stream(self) -> str:
         """Lifecycle events (queued, started, progress, succeeded, ...)."""
         return f"{self.prefix}:events"
+
+    @property
+    def retry_schedule(self) -> str:
+        """Entry ids waiting for a delayed retry, scored by due time (ms)."""
+        return f"{self.prefix}:retries"
 
     @property
     def epoch(self) -> str:

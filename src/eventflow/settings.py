@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +81,20 @@ class ConsumerSettings(BaseModel):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Grace period for in-flight jobs on SIGTERM, s.")
     pending_rescan_s: float = Field(default=5.0, gt=0, description="How often to process entries the reaper "
                                     "assigned to this consumer, seconds.")
+    isolation: Literal["process", "thread"] = Field(
+        default="process", description="Run each job in a child process (timeout and memory limit enforced) "
+        "or a thread (light handlers only).")
+    job_timeout_s: float = Field(default=900.0, gt=0, description="Wall-clock limit per job attempt, seconds.")
+    job_memory_mb: int = Field(default=4096, ge=0, description="Address-space limit per job process, MiB "
+                               "(0 = none; process isolation only).")
+    retry_base_ms: int = Field(default=2000, ge=1, description="First retry delay after a transient failure, ms "
+                               "(doubles per delivery, with jitter).")
+    retry_max_ms: int = Field(default=300_000, ge=1, description="Largest retry delay, ms.")
+    handlers: dict[str, str] = Field(
+        default_factory=dict, description='Handler overrides as JSON {"job_type": "module:function"}.')
+    failpoints: dict[str, str] = Field(
+        default_factory=dict, description='Fault injection for tests only, JSON {point: action}; points '
+        'before_execute, before_commit, after_commit; actions "kill", "stop", "sleep:SECONDS".')
 
 
 class ReaperSettings(BaseModel):

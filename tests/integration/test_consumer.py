@@ -133,6 +133,8 @@ async def test_transient_failure_stays_pending_for_the_reaper(redis: Redis, sett
     assert handler.calls[h] == 1
     assert await pending(redis, keys) == 1
     assert await redis.hget(keys.job_state(job_id), "state") == "retrying"
+    due = await redis.zscore(keys.retry_schedule, entry_id)
+    assert due is not None and now_ms() < due <= now_ms() + settings.consumer.retry_base_ms
     failure = await redis.hgetall(keys.failure(entry_id))
     assert failure["failure_class"] == "ConnectionError" and failure["failures"] == "1"
     assert not await redis.exists(keys.lease(h))

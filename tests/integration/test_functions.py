@@ -154,8 +154,9 @@ async def test_raw_xack_control_shows_the_hazard(functions: Functions, redis: Re
 async def test_dead_letter_is_atomic_and_once(functions: Functions, redis: Redis, keys: Keys) -> None:
     sub = await submit(functions)
     await redis.xreadgroup(keys.group, "c1", {keys.job_stream: ">"}, count=1)
-    await functions.record_failure(sub.entry_id, sub.job_id, "transient", "boom 1", {})
-    await functions.record_failure(sub.entry_id, sub.job_id, "transient", "boom 2", {})
+    await functions.schedule_retry(sub.entry_id, sub.job_id, "transient", "boom 1", now_ms() + 60_000, {})
+    await functions.schedule_retry(sub.entry_id, sub.job_id, "transient", "boom 2", now_ms() + 60_000, {})
+    assert await redis.zscore(keys.retry_schedule, sub.entry_id) is not None
     results = await asyncio.gather(*[functions.dead_letter(sub.entry_id, job_id=sub.job_id, request_hash="h")
                                      for _ in range(5)])
     assert len([r for r in results if r]) == 1
@@ -168,6 +169,7 @@ async def test_dead_letter_is_atomic_and_once(functions: Functions, redis: Redis
     assert '"job_id"' in record["payload"] and record["delivery_count"] == "1"
     assert (await redis.xpending(keys.job_stream, keys.group))["pending"] == 0
     assert await redis.hget(keys.job_state(sub.job_id), "state") == "dead_lettered"
+    assert await redis.zscore(keys.retry_schedule, sub.entry_id) is None
 
 
 async def test_dead_letter_respects_minimum_deliveries(functions: Functions, redis: Redis, keys: Keys) -> None:
@@ -198,3 +200,53 @@ async def test_cancel(functions: Functions, redis: Redis, keys: Keys) -> None:
     assert await functions.cancel_job("nope") == ""
     h = await redis.hget(keys.job_state(sub.job_id), "request_hash")
     assert await functions.acquire_lease(h, sub.job_id, "t", 1000, {}) == -1
+
+
+async def pending_row(redis: Redis, keys: Keys, entry_id: str) -> dict:
+    rows = await redis.xpending_range(keys.job_stream, keys.group, min=entry_id, max=entry_id, count=1)
+    return rows[0] if rows else {}
+
+
+async def test_heartbeat_resets_idle_without_counting_a_delivery(functions: Functions, redis: Redis,
+                                                                 keys: Keys) -> None:
+    sub = await submit(functions)
+    h = await redis.hget(keys.job_state(sub.job_id), "request_hash")
+    await redis.xreadgroup(keys.group, "w1", {keys.job_stream: ">"}, count=1)
+    assert await functions.acquire_lease(h, sub.job_id, "tok", 1000, {}) == 1
+    await asyncio.sleep(0.15)
+    assert (await pending_row(redis, keys, sub.entry_id))["time_since_delivered"] >= 150
+    assert await functions.heartbeat_job(sub.entry_id, "w1", h, "tok", 1000) == 1
+    row = await pending_row(redis, keys, sub.entry_id)
+    assert row["time_since_delivered"] < 100 and row["times_delivered"] == 1
+    # A zombie (wrong token, or no longer the owner) gets a refusal and changes nothing.
+    assert await functions.heartbeat_job(sub.entry_id, "w1", h, "other", 1000) == 0
+    await redis.xclaim(keys.job_stream, keys.group, "w2", 0, [sub.entry_id])
+    assert await functions.heartbeat_job(sub.entry_id, "w1", h, "tok", 1000) == -1
+    assert (await pending_row(redis, keys, sub.entry_id))["consumer"] == "w2"
+
+
+async def test_reclaim_entry_rules(functions: Functions, redis: Redis, keys: Keys) -> None:
+    sub = await submit(functions)
+    await redis.xreadgroup(keys.group, "dead", {keys.job_stream: ">"}, count=1)
+    assert await functions.reclaim_entry(sub.entry_id, "live", 60_000, force=False, max_deliveries=3) == "busy"
+    await functions.schedule_retry(sub.entry_id, sub.job_id, "IOError", "flaky", now_ms() + 60_000, {})
+    assert await functions.reclaim_entry(sub.entry_id, "live", 0, force=True, max_deliveries=3) == "scheduled"
+    await redis.zadd(keys.retry_schedule, {sub.entry_id: now_ms() - 1})
+    assert await functions.reclaim_entry(sub.entry_id, "live", 60_000, force=True, max_deliveries=3) == "claimed"
+    row = await pending_row(redis, keys, sub.entry_id)
+    assert (row["consumer"], row["times_delivered"]) == ("live", 2)  # the re-delivery counts
+    assert await redis.zscore(keys.retry_schedule, sub.entry_id) is None
+    assert await functions.reclaim_entry(sub.entry_id, "other", 0, force=False, max_deliveries=3) == "claimed"
+    assert await functions.reclaim_entry(sub.entry_id, "other", 0, force=False, max_deliveries=3) == "ceiling"
+    await functions.ack_entry(sub.entry_id, "other", None, None)
+    assert await functions.reclaim_entry(sub.entry_id, "other", 0, force=False, max_deliveries=3) == "gone"
+
+
+async def test_reclaim_records_deleted_entries_as_lost(functions: Functions, redis: Redis, keys: Keys) -> None:
+    sub = await submit(functions)
+    await redis.xreadgroup(keys.group, "dead", {keys.job_stream: ">"}, count=1)
+    await redis.xdel(keys.job_stream, sub.entry_id)
+    assert await functions.reclaim_entry(sub.entry_id, "live", 0, force=False, max_deliveries=3) == "lost"
+    [(_, record)] = await redis.xrange(keys.dead_letter_stream)
+    assert record["failure_class"] == "lost" and record["original_entry_id"] == sub.entry_id
+    assert await pending_row(redis, keys, sub.entry_id) == {}

@@ -8,6 +8,7 @@ import asyncio
 from eventflow_reaper.reclaim import Reaper
 from redis.asyncio import Redis
 
+from eventflow.contract import now_ms
 from eventflow.keys import Keys
 from eventflow.redis.functions import Functions
 from eventflow.settings import EventflowSettings
@@ -34,6 +35,7 @@ async def test_idle_entries_go_to_live_consumers_and_count_deliveries(redis: Red
     r = reaper(settings, redis)
     report = await r.cycle()
     assert report.reclaimed == 0  # not idle long enough yet
+    assert await deliveries(redis, keys, entry_id) == ("dead", 1)
     await asyncio.sleep(0.15)
     report = await r.cycle()
     assert report.reclaimed == 1
@@ -51,7 +53,7 @@ async def test_ceiling_moves_to_dlq_exactly_once_with_two_reapers(redis: Redis, 
     for _ in range(2):  # two more deliveries each -> 3 = the ceiling
         await redis.xclaim(keys.job_stream, keys.group, "c", 0, ids)
     for _, _, e in jobs[:5]:
-        await functions.record_failure(e, "", "TimeoutError", "too slow", {})
+        await functions.schedule_retry(e, "", "TimeoutError", "too slow", 0, {})
     await asyncio.sleep(0.15)
     a, b = reaper(settings, redis), reaper(settings, redis)
     reports = await asyncio.gather(a.cycle(), b.cycle())
@@ -79,6 +81,10 @@ async def test_deleted_pending_entries_are_reported_as_lost(redis: Redis, settin
     assert report.lost == 3
     assert sorted(r.lost_ids) == sorted(e for _, _, e in jobs)
     assert r.metrics.lost._value.get() == 3
+    lost = [f for _, f in await redis.xrange(keys.dead_letter_stream)]
+    assert sorted(f["original_entry_id"] for f in lost) == sorted(e for _, _, e in jobs)
+    assert {f["failure_class"] for f in lost} == {"lost"}
+    assert (await redis.xpending(keys.job_stream, keys.group))["pending"] == 0
 
 
 async def test_health_gauges(redis: Redis, settings: EventflowSettings, functions: Functions, keys: Keys) -> None:
@@ -95,3 +101,28 @@ async def test_health_gauges(redis: Redis, settings: EventflowSettings, function
     assert m.undelivered_age._value.get() > 0
     assert m.dlq_depth._value.get() == 0
     assert await redis.exists(keys.reaper_heartbeat)
+
+
+async def test_due_retries_are_reinjected_and_early_ones_wait(redis: Redis, settings: EventflowSettings,
+                                                              functions: Functions, keys: Keys) -> None:
+    [(job_a, _, a), (job_b, _, b)] = await enqueue(functions, 2)
+    await redis.xreadgroup(keys.group, "w", {keys.job_stream: ">"}, count=2)
+    await redis.set(keys.heartbeat("w"), "1")
+    await functions.schedule_retry(a, job_a, "IOError", "flaky", now_ms() - 1, {})
+    await functions.schedule_retry(b, job_b, "IOError", "flaky", now_ms() + 60_000, {})
+    await asyncio.sleep(0.15)  # both are idle past min_idle_ms now
+    report = await reaper(settings, redis).cycle()
+    assert report.reclaimed == 1
+    assert await deliveries(redis, keys, a) == ("w", 2)
+    assert await deliveries(redis, keys, b) == ("w", 1)  # not due: left alone despite being idle
+
+
+async def test_no_live_consumer_still_enforces_the_ceiling(redis: Redis, settings: EventflowSettings,
+                                                           functions: Functions, keys: Keys) -> None:
+    [(_, _, e)] = await enqueue(functions)
+    await redis.xreadgroup(keys.group, "gone", {keys.job_stream: ">"}, count=1)
+    for _ in range(2):
+        await redis.xclaim(keys.job_stream, keys.group, "gone", 0, [e])
+    await asyncio.sleep(0.15)
+    report = await reaper(settings, redis).cycle()
+    assert report.dead_lettered == 1 and report.reclaimed == 0

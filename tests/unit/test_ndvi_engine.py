@@ -273,7 +273,7 @@ def test_output_file_format(tmp_path: Path) -> None:
         assert src.nodata is not None and math.isnan(src.nodata)
         assert src.block_shapes == [(512, 512)]
         assert src.profile["tiled"] is True
-        assert src.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "DEFLATE"
+        assert src.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "ZSTD"
         assert src.tags(ns="IMAGE_STRUCTURE")["PREDICTOR"] == "3"
         assert src.descriptions == ("NDVI",)
         assert src.crs == red.crs and src.transform == red.transform

@@ -1,10 +1,12 @@
 """The consumer runtime: read with the group, lease + fence, execute off-loop, commit, then ack.
 
 Order per delivery (docs/contract.md): decode (poison -> DLQ) -> result exists? ack -> acquire lease
-and fencing token (cancelled? ack) -> execute in a thread while a heartbeat renews the lease -> commit
-through eventflow_commit_result -> ack through eventflow_ack_entry -> release the lease. A transient
-failure is recorded and the entry stays pending; the reaper re-delivers it after ``min_idle_ms`` (that
-delivery counts toward the ceiling). A permanent failure goes straight to the dead-letter stream.
+and fencing token (cancelled? ack) -> execute in a child process (or thread) while a heartbeat renews
+the lease and resets the entry's idle time -> commit through eventflow_commit_result -> ack through
+eventflow_ack_entry -> release the lease.
+A transient failure is recorded and scheduled for a delayed retry (exponential backoff with jitter);
+the entry stays pending and the reaper re-delivers it when due, counting a delivery toward the ceiling.
+A permanent failure goes straight to the dead-letter stream with its reason.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +28,14 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from eventflow.contract import StreamEntry
-from eventflow.errors import EventflowError, LostLease, PermanentError, PoisonMessage
+from eventflow.contract import StreamEntry, now_ms
+from eventflow.errors import LostLease, PoisonMessage
 from eventflow.metrics import ConsumerMetrics
 from eventflow.redis.client import check_ready, functions_for, keys_for
 from eventflow.redis.functions import NotOwner
 from eventflow.settings import EventflowSettings
-from eventflow_consumer.handlers import HANDLERS, Handler, JobContext, Stopped
+from eventflow_consumer.execution import JobFailed, JobSpec, run_in_process, run_in_thread
+from eventflow_consumer.handlers import Handler, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +55,15 @@ class Worker:
         self.redis = redis
         self.keys = keys_for(settings)
         self.functions = functions_for(redis, settings)
-        self.handlers = handlers or HANDLERS
+        # Handlers given here run in a thread (tests, benchmarks); the registry's run per isolation setting.
+        self.inline_handlers: dict[Any, Handler] = dict(handlers or {})
         self.name = self.cfg.name or default_name()
         self.metrics = ConsumerMetrics(registry or CollectorRegistry())
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="job")
         self.stopping = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task[None]] = {}
-        self.stops: dict[str, threading.Event] = {}
+        self.stops: dict[str, asyncio.Event] = {}
+        self.background: set[asyncio.Future[None]] = set()
         # Entries that failed transiently here: entry id -> delivery count at the time. They are left
         # for the reaper; picked up again only once it re-delivers them (count grows).
         self.parked: dict[str, int] = {}
@@ -220,51 +225,75 @@ class Worker:
             log.info("job cancelled; acked without running", extra=self._ctx(entry_id, entry))
             return
         if fence == 0:
-            # Another live worker runs this request hash (a duplicate delivery); leave the entry pending:
-            # once that worker commits, the redelivery finds the result and acks.
-            await self._park(entry_id)
+            # Another live worker runs this request hash (a duplicate delivery): retry later, by which time
+            # that worker has committed and the redelivery finds the result and acks.
+            await self._retry_later(entry_id, entry, "lease_busy", "another worker holds the lease", event,
+                                    self._ctx(entry_id, entry))
             log.info("lease held by another worker; entry left pending", extra=self._ctx(entry_id, entry))
             return
-        await self._run_leased(entry_id, entry, token, fence, event)
+        await self._run_leased(entry_id, entry, fields, token, fence, event)
 
-    async def _run_leased(self, entry_id: str, entry: StreamEntry, token: str, fence: int,
-                          event: dict[str, str]) -> None:
+    async def _failpoint(self, point: str) -> None:
+        """Fault injection for the fault tests (settings.consumer.failpoints); a no-op in production."""
+        action = self.cfg.failpoints.get(point)
+        if not action:
+            return
+        log.warning("failpoint %s: %s", point, action, extra={"consumer": self.name})
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif action.startswith("sleep:"):
+            await asyncio.sleep(float(action.split(":", 1)[1]))
+
+    async def _run_leased(self, entry_id: str, entry: StreamEntry, fields: dict[str, str], token: str,
+                          fence: int, event: dict[str, str]) -> None:
         f = self.functions
         ctx_log = self._ctx(entry_id, entry, fence)
-        handler = self.handlers.get(entry.job_type)
-        stop = threading.Event()
+        stop = asyncio.Event()
         self.stops[entry_id] = stop
-        loop = asyncio.get_running_loop()
         lost = asyncio.Event()
-
-        def progress(fraction: float) -> None:
-            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._progress(entry, fraction, event, stop)))
-
-        renew = asyncio.create_task(self._renew(entry, token, stop, lost))
+        renew = asyncio.create_task(self._renew(entry_id, entry, token, stop, lost))
         started = time.perf_counter()
         try:
-            if handler is None:
-                raise PermanentError(f"no handler for job type {entry.job_type}")
-            output_dir = self.settings.ndvi.output_root / entry.tenant / entry.request_hash
-            ctx = JobContext(ndvi=self.settings.ndvi, output_dir=output_dir, fence=fence, progress=progress, stop=stop)
+            await self._failpoint("before_execute")
+            spec = JobSpec(fields=fields, handler_ref=self.cfg.handlers.get(entry.job_type.value),
+                           ndvi=self.settings.ndvi.model_dump(mode="json"),
+                           output_dir=str(self.settings.ndvi.output_root / entry.tenant / entry.request_hash),
+                           fence=fence, memory_bytes=self.cfg.job_memory_mb * 1024 * 1024)
+
+            def progress(fraction: float) -> None:
+                task = asyncio.ensure_future(self._progress(entry, fraction, event, stop))
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+
             log.info("job started", extra=ctx_log)
-            result = await loop.run_in_executor(self.pool, handler, entry, ctx)
+            if self.cfg.isolation == "process" and entry.job_type not in self.inline_handlers:
+                result = await run_in_process(spec, progress, self.cfg.job_timeout_s, stop)
+            else:
+                result = await run_in_thread(self.pool, spec, self.inline_handlers.get(entry.job_type), progress,
+                                             self.cfg.job_timeout_s, stop)
             if lost.is_set():
                 raise LostLease("lease lost during execution")
             result["fence"] = fence
+            await self._failpoint("before_commit")
             # Commit and ack run shielded: a shutdown must not cut them in half.
             outcome = await asyncio.shield(f.commit_result(
                 entry.request_hash, entry.job_id, token, fence, json.dumps(result), event))
+            await self._failpoint("after_commit")
             await asyncio.shield(self._ack(entry_id, entry, token))
             self.metrics.jobs.labels(outcome="succeeded" if outcome != "cancelled" else "cancelled").inc()
             self.metrics.duration.observe(time.perf_counter() - started)
             log.info("job %s in %.3fs", outcome, time.perf_counter() - started, extra=ctx_log)
-        except PermanentError as exc:
-            log.error("job failed permanently: %s", exc, extra=ctx_log)
+        except JobFailed as exc:
             self.metrics.failures.labels(failure_class=exc.failure_class).inc()
-            await f.dead_letter(entry_id, job_id=entry.job_id, request_hash=entry.request_hash, consumer=self.name,
-                                failure_class=exc.failure_class, message=str(exc))
-            self.metrics.jobs.labels(outcome="dead_lettered").inc()
+            if exc.permanent:
+                log.error("job failed permanently (%s): %s", exc.failure_class, exc, extra=ctx_log)
+                await f.dead_letter(entry_id, job_id=entry.job_id, request_hash=entry.request_hash,
+                                    consumer=self.name, failure_class=exc.failure_class, message=str(exc))
+                self.metrics.jobs.labels(outcome="dead_lettered").inc()
+            else:
+                await self._retry_later(entry_id, entry, exc.failure_class, str(exc), event, ctx_log)
         except (LostLease, Stopped) as exc:
             log.warning("job stopped without writing: %s", exc, extra=ctx_log)
             await self._park(entry_id)
@@ -272,13 +301,6 @@ class Worker:
             stop.set()
             log.warning("job interrupted by shutdown; left pending for another consumer", extra=ctx_log)
             raise
-        except Exception as exc:
-            failure_class = exc.failure_class if isinstance(exc, EventflowError) else type(exc).__name__
-            log.warning("job failed (%s): %s; will be retried", failure_class, exc, extra=ctx_log)
-            self.metrics.failures.labels(failure_class=failure_class).inc()
-            with contextlib.suppress(RedisError):
-                await f.record_failure(entry_id, entry.job_id, failure_class, str(exc), event)
-            await self._park(entry_id)
         finally:
             renew.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -287,8 +309,22 @@ class Worker:
             with contextlib.suppress(RedisError):
                 await asyncio.shield(f.release_lease(entry.request_hash, token))
 
-    async def _park(self, entry_id: str) -> None:
-        """Leave the entry pending for the reaper; retake it only after a re-delivery (count grows)."""
+    async def _retry_later(self, entry_id: str, entry: StreamEntry, failure_class: str, message: str,
+                           event: dict[str, str], ctx_log: dict[str, Any]) -> None:
+        """Schedule a delayed retry: full-jitter exponential backoff on the entry's delivery count."""
+        deliveries = await self._park(entry_id)
+        delay_ms = min(self.cfg.retry_max_ms, self.cfg.retry_base_ms * 2 ** max(0, deliveries - 1))
+        delay_ms = int(delay_ms * random.uniform(0.5, 1.0))
+        log.warning("job failed (%s): %s; retry in %.1fs", failure_class, message, delay_ms / 1000, extra=ctx_log)
+        with contextlib.suppress(RedisError):
+            await self.functions.schedule_retry(entry_id, entry.job_id, failure_class, message,
+                                                now_ms() + delay_ms, event)
+
+    async def _park(self, entry_id: str) -> int:
+        """Leave the entry pending for the reaper; retake it only after a re-delivery (count grows).
+
+        Returns the entry's current delivery count (0 if it is no longer pending for this consumer).
+        """
         try:
             rows = await self.redis.xpending_range(self.keys.job_stream, self.keys.group, min=entry_id,
                                                    max=entry_id, count=1)
@@ -296,24 +332,36 @@ class Worker:
             rows = []
         if rows and rows[0]["consumer"] == self.name:
             self.parked[entry_id] = int(rows[0]["times_delivered"])
+            return self.parked[entry_id]
+        return 0
 
-    async def _renew(self, entry: StreamEntry, token: str, stop: threading.Event, lost: asyncio.Event) -> None:
-        """Renew the lease; on failure stop the job before the lease could expire (self-fencing)."""
+    async def _renew(self, entry_id: str, entry: StreamEntry, token: str, stop: asyncio.Event,
+                     lost: asyncio.Event) -> None:
+        """Heartbeat the job; stop it before its lease could expire if renewal fails (self-fencing)."""
         interval = self.cfg.heartbeat_interval_ms / 1000
+        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
-                ok = await self.functions.renew_lease(entry.request_hash, token, self.cfg.lease_ttl_ms)
+                state = await self.functions.heartbeat_job(entry_id, self.name, entry.request_hash, token,
+                                                           self.cfg.lease_ttl_ms)
+                if state == 1:
+                    last_ok = time.monotonic()
+                    continue
+                reason = "lease lost" if state == 0 else "entry reclaimed by another consumer"
             except RedisError as exc:
-                log.warning("lease renewal failed: %s", exc, extra={"job_id": entry.job_id})
-                ok = False
-            if not ok:
-                lost.set()
-                stop.set()
-                return
+                # Unreachable Redis: keep trying while the lease surely still holds, then give up in time.
+                if time.monotonic() - last_ok + 2 * interval < self.cfg.lease_ttl_ms / 1000:
+                    log.warning("heartbeat failed: %s", exc, extra={"job_id": entry.job_id})
+                    continue
+                reason = f"heartbeat failing for {time.monotonic() - last_ok:.1f}s"
+            log.error("stopping job: %s", reason, extra=self._ctx(entry_id, entry))
+            lost.set()
+            stop.set()
+            return
 
     async def _progress(self, entry: StreamEntry, fraction: float, event: dict[str, str],
-                        stop: threading.Event) -> None:
+                        stop: asyncio.Event) -> None:
         with contextlib.suppress(RedisError):
             state = await self.functions.report_progress(entry.job_id, fraction, event)
             if state == "cancelled":

@@ -1,9 +1,10 @@
 """The reaper cycle: dead-letter entries over the ceiling, hand idle ones to live consumers, remove dead
 consumers, record lost work, export stream health.
 
-Safe as two replicas: every state change is one server-side function (dead-lettering checks the entry
-is still pending; consumer removal checks heartbeat and pending list) or an XAUTOCLAIM, which Redis
-serializes; two reapers racing at worst both skip an entry until the next cycle.
+Safe as two replicas: every state change is one server-side function that re-checks its precondition
+(reclaiming checks idle time, retry schedule and ceiling; dead-lettering checks the entry is still
+pending; consumer removal checks heartbeat and pending list), so two reapers racing at worst skip an
+entry until the next cycle and never duplicate a DLQ record.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
+from eventflow.contract import now_ms
 from eventflow.metrics import ReaperMetrics
 from eventflow.redis.client import check_ready, functions_for, keys_for
 from eventflow.settings import EventflowSettings
@@ -62,43 +64,33 @@ class Reaper:
     async def cycle(self) -> CycleReport:
         """One pass of recovery and health export."""
         report = CycleReport()
-        k, max_deliveries = self.keys, self.settings.streams.max_deliveries
-        # 1. Entries idle past the threshold that reached the ceiling go to the DLQ, each atomically.
-        rows = await self.redis.xpending_range(k.job_stream, k.group, min="-", max="+", count=self.cfg.claim_batch,
-                                               idle=self.cfg.min_idle_ms)
-        for row in rows:
-            if int(row["times_delivered"]) < max_deliveries:
-                continue
-            entry_id = row["message_id"]
-            found = await self.redis.xrange(k.job_stream, entry_id, entry_id)
-            fields = found[0][1] if found else {}
-            dlq_id = await self.functions.dead_letter(
-                entry_id, job_id=fields.get("job_id", "")[:64], request_hash=fields.get("request_hash", "")[:64],
-                min_deliveries=max_deliveries)
-            if dlq_id:
-                report.dead_lettered += 1
-                log.error("dead-lettered after %s deliveries", row["times_delivered"],
-                          extra={"entry_id": entry_id, "job_id": fields.get("job_id")})
-        # 2. Hand the rest to live consumers. XAUTOCLAIM without JUSTID counts a delivery (facts #3).
+        k, ceiling = self.keys, self.settings.streams.max_deliveries
         live = await self.live_consumers()
-        if live:
-            target = random.choice(live)
-            try:
-                reply = await self.redis.xautoclaim(k.job_stream, k.group, target, self.cfg.min_idle_ms,
-                                                    start_id="0-0", count=self.cfg.claim_batch)
-            except ResponseError as exc:
-                log.error("XAUTOCLAIM failed: %s", exc)
-                reply = ["0-0", [], []]
-            claimed = reply[1]
-            deleted = reply[2] if len(reply) > 2 else []
-            report.reclaimed += len([c for c in claimed if c])
-            if deleted:
-                # Pending entries that no longer exist in the stream: work lost to trimming or deletion.
-                report.lost += len(deleted)
-                self.lost_ids.extend(deleted)
-                log.error("lost work: %d pending entries were deleted from the stream: %s", len(deleted),
-                          ",".join(deleted[:50]))
-        # 3. Remove dead consumers, only when their pending list is empty (atomic in the function).
+        # Entries idle past the threshold (their owner stopped heartbeating), plus scheduled retries due.
+        idle = await self.redis.xpending_range(k.job_stream, k.group, min="-", max="+", count=self.cfg.claim_batch,
+                                               idle=self.cfg.min_idle_ms)
+        due = await self.redis.zrangebyscore(k.retry_schedule, "-inf", now_ms(), start=0, num=self.cfg.claim_batch)
+        candidates = {row["message_id"]: False for row in idle}
+        candidates.update(dict.fromkeys(due, True))
+        for entry_id, is_due in candidates.items():
+            target = random.choice(live) if live else ""
+            if not target:
+                # Nobody to hand work to; still enforce the ceiling so poison does not wait for consumers.
+                outcome = "ceiling" if await self._at_ceiling(entry_id, ceiling) else "no_consumer"
+            else:
+                outcome = await self.functions.reclaim_entry(entry_id, target, self.cfg.min_idle_ms, force=is_due,
+                                                             max_deliveries=ceiling)
+            if outcome == "claimed":
+                report.reclaimed += 1
+            elif outcome == "ceiling":
+                if await self._dead_letter(entry_id, ceiling):
+                    report.dead_lettered += 1
+            elif outcome == "lost":
+                report.lost += 1
+                self.lost_ids.append(entry_id)
+                log.error("lost work: pending entry %s was deleted from the job stream; recorded on the "
+                          "dead-letter stream with class 'lost'", entry_id, extra={"entry_id": entry_id})
+        # Remove dead consumers, only when their pending list is empty (atomic in the function).
         consumers = await self.redis.xinfo_consumers(k.job_stream, k.group)
         for c in consumers:
             if c["name"] not in live and int(c["pending"]) == 0 and await self.functions.reap_consumer(c["name"]):
@@ -112,6 +104,22 @@ class Reaper:
         self.metrics.heartbeat.set(now)
         await self.redis.set(k.reaper_heartbeat, str(now), px=int(self.cfg.interval_s * 3000) + 1000)
         return report
+
+    async def _at_ceiling(self, entry_id: str, ceiling: int) -> bool:
+        rows = await self.redis.xpending_range(self.keys.job_stream, self.keys.group, min=entry_id, max=entry_id,
+                                               count=1)
+        return bool(rows) and int(rows[0]["times_delivered"]) >= ceiling
+
+    async def _dead_letter(self, entry_id: str, ceiling: int) -> bool:
+        found = await self.redis.xrange(self.keys.job_stream, entry_id, entry_id)
+        fields = found[0][1] if found else {}
+        dlq_id = await self.functions.dead_letter(
+            entry_id, job_id=fields.get("job_id", "")[:64], request_hash=fields.get("request_hash", "")[:64],
+            min_deliveries=ceiling)
+        if dlq_id:
+            log.error("dead-lettered after %d deliveries", ceiling,
+                      extra={"entry_id": entry_id, "job_id": fields.get("job_id")})
+        return dlq_id is not None
 
     async def export(self, alive: int) -> None:
         """Update stream-health gauges: length, lag, pending, oldest ages, DLQ depth, consumers alive."""

@@ -1,44 +1,69 @@
-"""NDVI engine: open red and NIR, compute NDVI window by window, write a float32 GeoTIFF, report stats.
+"""NDVI engine: open red and NIR, compute NDVI window by window, write a float32 COG, report stats.
 
 Pixel rules (also written into the output tags):
 
 - Digital numbers are cast to float32 before any arithmetic (uint16 ``nir - red`` would wrap).
 - Reflectance = DN * scale + offset. Scale and offset come from the parameters, else from what the
-  file declares for the band (``dataset.scales`` / ``dataset.offsets``), else 1.0 and 0.0.
+  file declares for the band (``dataset.scales`` / ``dataset.offsets``, e.g. the Sentinel-2 baseline
+  >= 04.00 offset of -1000 DN), else 1.0 and 0.0.
 - A pixel is *nodata* when either band equals its nodata value (the override from the parameters,
-  else the band's own), is NaN, or is masked by an internal/per-dataset mask or alpha band.
+  else the band's own), is NaN, is masked by an internal/per-dataset mask or alpha band, or is fill
+  in the optional quality band.
+- A pixel the quality band rejects (cloud, shadow, snow... see quality.py) is *masked*.
 - Negative reflectance after the offset (water, shadow, sensor noise) is clipped to 0 before NDVI.
-- A pixel whose red + NIR reflectance is 0 is invalid and counted as *zero_sum*, not nodata.
+- A remaining pixel whose red + NIR reflectance is 0 is invalid and counted as *zero_sum*.
 - NDVI = (NIR - red) / (NIR + red), clamped to [-1, 1]; invalid pixels are NaN in the output.
+
+Each invalid pixel is counted once, with the precedence nodata > masked > zero_sum.
+
+The NDVI is first written block by block to an uncompressed tiled GeoTIFF in a work directory next to
+the output (memory stays flat whatever the scene size); the second statistics pass, the per-field
+statistics and GDAL's COG driver (overviews, compression) then read that file.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import rasterio
-from rasterio.enums import MaskFlags
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from eventflow.errors import InputError, RasterTooLarge
-from eventflow.ndvi.stats import SceneStats, StatsAccumulator
+from eventflow.ndvi.cog import COG_BLOCKSIZE, Codec, write_cog
+from eventflow.ndvi.fields import (
+    REASON_MASKED,
+    REASON_NODATA,
+    REASON_ZERO_SUM,
+    field_stats,
+    parse_fields,
+)
+from eventflow.ndvi.preview import write_previews
+from eventflow.ndvi.quality import MASK_RULES, QaKind, classify
+from eventflow.ndvi.stats import DEFAULT_VEGETATION_THRESHOLD, SceneStats, StatsAccumulator
 
 #: Rule recorded in the ``EVENTFLOW_NEGATIVE_REFLECTANCE_RULE`` tag.
 NEGATIVE_REFLECTANCE_RULE = "clip-to-0"
 
 #: Rows per processing window; equal to the output tile height so each window writes whole tile rows.
 WINDOW_ROWS = 512
-_TILE = 512
+_TILE = COG_BLOCKSIZE
+
+#: GDAL block cache while run_ndvi runs, in MB: bounds memory on full tiles (GDAL's default is 5 % of RAM).
+GDAL_CACHE_MB = 192
 
 # GDAL drivers tried, in order, when opening user inputs. rasterio 1.4.4 documents a list for
 # ``rasterio.open(driver=...)`` but its open() rejects anything but a str ("invalid driver"), so each
@@ -46,6 +71,11 @@ _TILE = 512
 # keeps VRT, HDF, netCDF and other drivers that can read or reference arbitrary files away from user
 # paths. Cloud Optimized GeoTIFFs are read by GTiff (GDAL's COG driver only writes).
 _INPUT_DRIVERS = ("GTiff", "JP2OpenJPEG")
+
+_RESAMPLING = {"nearest": Resampling.nearest, "bilinear": Resampling.bilinear}
+
+# Progress fractions reached after each stage (pass 1 and pass 2 advance window by window).
+_PASS1_END, _PASS2_END, _COG_END = 0.6, 0.75, 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +88,44 @@ class BandSource:
 
 @dataclass(frozen=True, slots=True)
 class NdviParams:
-    """What to compute: the red and NIR bands, optional radiometric overrides and the size limit."""
+    """What to compute: the red and NIR bands, optional radiometric overrides, masks, products and limits."""
 
     red: BandSource
     nir: BandSource
     #: reflectance = DN * scale + offset; None uses the file-declared scale (1.0 if none).
     scale: float | None = None
-    #: None uses the file-declared offset (0.0 if none).
+    #: None uses the file-declared offset (0.0 if none), e.g. -0.1 for Sentinel-2 baseline >= 04.00 at scale 1e-4.
     offset: float | None = None
     #: Replaces the input nodata value of both bands; None keeps each band's own.
     nodata: float | None = None
     #: width * height above this raises RasterTooLarge.
     max_pixels: int = 20_000 * 20_000
+    #: Free-text sensor name recorded in the output tags (e.g. "Sentinel-2A MSI").
+    sensor: str | None = None
+    #: Optional quality band (SCL, QA_PIXEL or Fmask); on another grid it is resampled with nearest.
+    qa: BandSource | None = None
+    #: How to read ``qa``; required with it.
+    qa_kind: QaKind | None = None
+    #: GeoJSON FeatureCollection of (Multi)Polygons for per-field stats (see fields.py); None for none.
+    fields: dict[str, Any] | None = None
+    #: Per-field pixel rule: False = pixel centre inside the polygon, True = every touched pixel.
+    all_touched: bool = False
+    #: NDVI at or above this counts as vegetation in ``vegetation_fraction``.
+    vegetation_threshold: float = DEFAULT_VEGETATION_THRESHOLD
+    #: Also write RGBA PNG previews (absolute and p2-p98 stretch) next to the output.
+    previews: bool = False
+    #: NIR on a different grid: "none" refuses, else it is warped onto the red grid with this resampling.
+    resample: Literal["none", "nearest", "bilinear"] = "none"
+    #: Output codec (always with the floating-point predictor 3).
+    compress: Codec = "zstd"
+    #: Codec level; None uses the engine default (ZSTD 1, DEFLATE 1: see bench/README.md).
+    compress_level: int | None = None
+    #: GDAL threads for decoding inputs, compressing and building overviews ("ALL_CPUS" or a number).
+    num_threads: str = "ALL_CPUS"
+
+
+#: Default level per codec: the fastest levels; higher ones cost seconds per tile for a few % of size.
+DEFAULT_LEVELS: dict[str, int] = {"zstd": 1, "deflate": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +139,14 @@ class NdviOutcome:
     stats: SceneStats
     applied_scale: float
     applied_offset: float
+    #: Per-field results (see fields.field_stats), None when no fields were given.
+    fields: list[dict[str, Any]] | None = None
+    #: {"absolute": path, "relative": path} when previews were requested.
+    previews: dict[str, str] | None = None
+    #: Wall-clock seconds per stage: read, compute, write (stage file), stats (pass 2), cog, fields, previews, total.
+    timings: dict[str, float] = field(default_factory=dict)
+    #: The tags written into the output.
+    tags: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the outcome as a JSON-serialisable dict."""
@@ -94,6 +158,10 @@ class NdviOutcome:
             "stats": self.stats.to_dict(),
             "applied_scale": self.applied_scale,
             "applied_offset": self.applied_offset,
+            "fields": self.fields,
+            "previews": self.previews,
+            "timings": self.timings,
+            "tags": self.tags,
         }
 
 
@@ -176,7 +244,12 @@ def _uses_mask_band(dataset: DatasetReader, band: int) -> bool:
 
 
 def _read_band(
-    dataset: DatasetReader, band: int, window: Window, nodata: float | None, scale: float, offset: float
+    dataset: DatasetReader | WarpedVRT,
+    band: int,
+    window: Window,
+    nodata: float | None,
+    scale: float,
+    offset: float,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """Return (reflectance as float32 with negatives clipped to 0, invalid mask) for one window."""
     raw = dataset.read(band, window=window)
@@ -187,11 +260,28 @@ def _read_band(
     if _uses_mask_band(dataset, band):
         invalid |= dataset.read_masks(band, window=window) == 0
     reflectance = raw.astype(np.float32)
-    invalid |= np.isnan(reflectance)
-    if scale != 1.0 or offset != 0.0:
-        reflectance = reflectance * np.float32(scale) + np.float32(offset)
+    if reflectance.dtype.kind == "f" and raw.dtype.kind == "f":
+        invalid |= np.isnan(reflectance)
+    if scale != 1.0:
+        reflectance *= np.float32(scale)
+    if offset != 0.0:
+        reflectance += np.float32(offset)
     np.maximum(reflectance, np.float32(0.0), out=reflectance)
     return reflectance, invalid
+
+
+def _read_qa(
+    dataset: DatasetReader | WarpedVRT, band: int, window: Window, kind: QaKind
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Return (fill, masked) for one window of the quality band; its own nodata and mask count as fill."""
+    raw = dataset.read(band, window=window)
+    fill, masked = classify(raw, kind)
+    nodata = dataset.nodatavals[band - 1]
+    if nodata is not None and not math.isnan(nodata):
+        fill |= raw == nodata
+    if _uses_mask_band(dataset, band):
+        fill |= dataset.read_masks(band, window=window) == 0
+    return fill, masked & ~fill
 
 
 def _windows(width: int, height: int) -> Iterator[Window]:
@@ -202,19 +292,98 @@ def _windows(width: int, height: int) -> Iterator[Window]:
 def _ndvi(
     red: npt.NDArray[np.float32], nir: npt.NDArray[np.float32], invalid: npt.NDArray[np.bool_]
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-    """Return (NDVI with NaN where invalid or zero-sum, zero-sum mask excluding nodata pixels)."""
+    """Return (NDVI with NaN where invalid or zero-sum, zero-sum mask excluding already-invalid pixels)."""
     total = nir + red
-    zero_sum = (total == 0) & ~invalid
-    bad = invalid | zero_sum
+    zero_sum = total == 0
+    zero_sum &= ~invalid
+    # nir - red reuses nir's buffer and the division writes into it: three full-size arrays, not five.
+    ndvi = np.subtract(nir, red, out=nir)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ndvi = (nir - red) / total
+        np.divide(ndvi, total, out=ndvi)
     np.clip(ndvi, np.float32(-1.0), np.float32(1.0), out=ndvi)
-    ndvi[bad] = np.nan
-    return ndvi.astype(np.float32, copy=False), zero_sum
+    ndvi[invalid | zero_sum] = np.nan
+    return ndvi, zero_sum
 
 
 def _source_tag(source: BandSource) -> str:
     return f"{source.path}:{source.band}"
+
+
+def _align(dataset: DatasetReader, onto: DatasetReader, resampling: Resampling, nodata: float | None) -> WarpedVRT:
+    """Warp ``dataset`` onto the grid of ``onto``; without a nodata value an alpha band marks what is outside."""
+    options: dict[str, Any] = {
+        "crs": onto.crs,
+        "transform": onto.transform,
+        "width": onto.width,
+        "height": onto.height,
+        "resampling": resampling,
+    }
+    if nodata is not None:
+        options.update(src_nodata=nodata, nodata=nodata)
+    else:
+        options["add_alpha"] = True
+    return WarpedVRT(dataset, **options)
+
+
+def _same_grid(red: DatasetReader, other: DatasetReader) -> bool:
+    return (
+        (red.width, red.height) == (other.width, other.height)
+        and red.crs == other.crs
+        and red.transform.almost_equals(other.transform)
+    )
+
+
+def _tags(params: NdviParams, scale: float, offset: float, compress: str, level: int) -> dict[str, str]:
+    tags = {
+        "EVENTFLOW_SENSOR": params.sensor or "unknown",
+        "EVENTFLOW_SCALE": repr(scale),
+        "EVENTFLOW_OFFSET": repr(offset),
+        "EVENTFLOW_NEGATIVE_REFLECTANCE_RULE": NEGATIVE_REFLECTANCE_RULE,
+        "EVENTFLOW_MASK_RULE": MASK_RULES[params.qa_kind] if params.qa_kind else "none",
+        "EVENTFLOW_RED": _source_tag(params.red),
+        "EVENTFLOW_NIR": _source_tag(params.nir),
+        "EVENTFLOW_RESAMPLING": params.resample,
+        "EVENTFLOW_COMPRESSION": f"{compress.upper()} level {level}, predictor 3",
+    }
+    if params.qa is not None:
+        tags["EVENTFLOW_QA"] = _source_tag(params.qa)
+    return tags
+
+
+def _validate(params: NdviParams) -> None:
+    if (params.qa is None) != (params.qa_kind is None):
+        raise InputError("qa and qa_kind must be given together")
+    if params.qa_kind is not None and params.qa_kind not in MASK_RULES:
+        raise InputError(f"qa_kind must be one of {sorted(MASK_RULES)}, not {params.qa_kind!r}")
+    if params.resample not in ("none", *_RESAMPLING):
+        raise InputError(f"resample must be none, nearest or bilinear, not {params.resample!r}")
+    if params.compress not in DEFAULT_LEVELS:
+        raise InputError(f"compress must be one of {sorted(DEFAULT_LEVELS)}, not {params.compress!r}")
+    if not -1.0 <= params.vegetation_threshold <= 1.0:
+        raise InputError("vegetation_threshold must be within [-1, 1]")
+
+
+def overview_levels(width: int, height: int, blocksize: int = _TILE) -> list[int]:
+    """Overview decimation factors 2, 4, ... until the smallest level fits in one tile (none if it already does)."""
+    levels: list[int] = []
+    factor = 2
+    while math.ceil(max(width, height) / (factor // 2)) > blocksize:
+        levels.append(factor)
+        factor *= 2
+    return levels
+
+
+class _Clock:
+    """Adds wall-clock seconds to named stages."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.totals[stage] = self.totals.get(stage, 0.0) + now - self._last
+        self._last = now
 
 
 def run_ndvi(
@@ -222,29 +391,51 @@ def run_ndvi(
     output_path: str | os.PathLike[str],
     progress: Callable[[float], None] | None = None,
 ) -> NdviOutcome:
-    """Compute NDVI from ``params`` into a tiled float32 GeoTIFF at ``output_path`` and return its stats.
+    """Compute NDVI from ``params`` into a float32 Cloud Optimized GeoTIFF at ``output_path``; return its stats.
 
     Raises InputError for unusable inputs and RasterTooLarge above ``params.max_pixels``. The file is
     written under a temporary name next to ``output_path`` and renamed at the end, so a crash never
     leaves a half-written file under the final name. ``progress`` gets increasing fractions ending at 1.0.
     """
+    _validate(params)
+    started = time.perf_counter()
     output = Path(output_path)
     partial = output.with_name(f".{output.name}.partial")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    level = params.compress_level if params.compress_level is not None else DEFAULT_LEVELS[params.compress]
+    env = rasterio.Env(GDAL_NUM_THREADS=params.num_threads, GDAL_CACHEMAX=GDAL_CACHE_MB)
     with ExitStack() as stack:
+        stack.enter_context(env)
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent)))
         red_ds = stack.enter_context(open_input(params.red, "red"))
         _check_size(red_ds, "red", params.max_pixels)
         nir_ds = stack.enter_context(open_input(params.nir, "NIR"))
         _check_size(nir_ds, "NIR", params.max_pixels)
-        _check_same_grid(red_ds, nir_ds)
         scale, offset = _resolve_radiometry(params, red_ds, nir_ds)
         red_nodata = _nodata_value(red_ds, params.red.band, params.nodata)
         nir_nodata = _nodata_value(nir_ds, params.nir.band, params.nodata)
+        nir_src: DatasetReader | WarpedVRT = nir_ds
+        if params.resample == "none" or _same_grid(red_ds, nir_ds):
+            _check_same_grid(red_ds, nir_ds)
+        else:
+            if red_ds.crs is None or nir_ds.crs is None:
+                raise InputError("red and NIR grids differ and one has no CRS, so NIR cannot be resampled")
+            nir_src = stack.enter_context(_align(nir_ds, red_ds, _RESAMPLING[params.resample], nir_nodata))
+        qa_src: DatasetReader | WarpedVRT | None = None
+        if params.qa is not None:
+            qa_ds = stack.enter_context(open_input(params.qa, "quality"))
+            qa_src = qa_ds
+            if not _same_grid(red_ds, qa_ds):
+                if red_ds.crs is None or qa_ds.crs is None:
+                    raise InputError("the quality band is on another grid and one of them has no CRS")
+                # Class codes must never be averaged: nearest is the only meaningful resampling (SCL is 20 m).
+                qa_src = stack.enter_context(_align(qa_ds, red_ds, Resampling.nearest, None))
+        fields = parse_fields(params.fields, red_ds.crs) if params.fields is not None else None
         width, height = red_ds.width, red_ds.height
         crs = red_ds.crs.to_string() if red_ds.crs else None
         windows = list(_windows(width, height))
-        # Pass 2 (exact median) rereads the output, so progress counts each window twice.
-        steps = 2 * len(windows)
-        profile = {
+        tags = _tags(params, scale, offset, params.compress, level)
+        stage_profile: dict[str, Any] = {
             "driver": "GTiff",
             "dtype": "float32",
             "count": 1,
@@ -256,40 +447,96 @@ def run_ndvi(
             "tiled": True,
             "blockxsize": _TILE,
             "blockysize": _TILE,
-            "compress": "deflate",
-            "predictor": 3,
+            "compress": "none",
             "BIGTIFF": "IF_SAFER",
         }
-        accumulator = StatsAccumulator()
-        output.parent.mkdir(parents=True, exist_ok=True)
+        stage = work / "ndvi.tif"
+        reasons_path = work / "reasons.tif"
+        accumulator = StatsAccumulator(params.vegetation_threshold, extra_quantiles=(0.02, 0.98))
+        clock = _Clock()
+        with ExitStack() as writers:
+            dst = writers.enter_context(rasterio.open(stage, "w", **stage_profile))
+            dst.set_band_description(1, "NDVI")
+            dst.update_tags(**tags)
+            reasons_dst = None
+            if fields is not None:
+                reasons_profile = {**stage_profile, "dtype": "uint8", "nodata": None}
+                reasons_dst = writers.enter_context(rasterio.open(reasons_path, "w", **reasons_profile))
+            for done, window in enumerate(windows, start=1):
+                try:
+                    red, red_invalid = _read_band(red_ds, params.red.band, window, red_nodata, scale, offset)
+                    nir, nir_invalid = _read_band(nir_src, params.nir.band, window, nir_nodata, scale, offset)
+                    if qa_src is not None and params.qa is not None and params.qa_kind is not None:
+                        fill, masked = _read_qa(qa_src, params.qa.band, window, params.qa_kind)
+                    else:
+                        fill = masked = None
+                except RasterioError as exc:
+                    raise InputError(f"reading the inputs failed at rows {window.row_off}+: {exc}") from exc
+                clock.lap("read")
+                nodata = red_invalid
+                nodata |= nir_invalid
+                invalid = nodata
+                masked_count = 0
+                if fill is not None and masked is not None:
+                    nodata |= fill
+                    masked &= ~nodata
+                    masked_count = int(np.count_nonzero(masked))
+                    invalid = nodata | masked
+                nodata_count = int(np.count_nonzero(nodata))
+                ndvi, zero_sum = _ndvi(red, nir, invalid)
+                zero_sum_count = int(np.count_nonzero(zero_sum))
+                if nodata_count or masked_count or zero_sum_count:
+                    valid = ndvi[~np.isnan(ndvi)]
+                else:
+                    valid = ndvi.ravel()
+                accumulator.add(valid, nodata_count, zero_sum_count, masked_count)
+                clock.lap("compute")
+                dst.write(ndvi, 1, window=window)
+                if reasons_dst is not None:
+                    reasons = np.zeros(ndvi.shape, dtype=np.uint8)
+                    reasons[nodata] = REASON_NODATA
+                    reasons[zero_sum] = REASON_ZERO_SUM
+                    if masked is not None:
+                        reasons[masked] = REASON_MASKED
+                    reasons_dst.write(reasons, 1, window=window)
+                clock.lap("write")
+                if progress is not None:
+                    progress(_PASS1_END * done / len(windows))
+        clock.lap("write")
+        levels = overview_levels(width, height)
+        if levels:
+            # Built on the uncompressed stage file, which the COG driver then copies as they are: about
+            # twice as fast as letting the COG driver build them from scratch (see bench/README.md).
+            with rasterio.open(stage, "r+") as stage_ds:
+                stage_ds.build_overviews(levels, Resampling.average)
+        clock.lap("overviews")
+        stats = accumulator.finish(_reread_valid(stage, windows, progress))
+        clock.lap("stats")
         try:
-            with rasterio.open(partial, "w", **profile) as dst:
-                dst.set_band_description(1, "NDVI")
-                dst.update_tags(
-                    EVENTFLOW_SCALE=repr(scale),
-                    EVENTFLOW_OFFSET=repr(offset),
-                    EVENTFLOW_NEGATIVE_REFLECTANCE_RULE=NEGATIVE_REFLECTANCE_RULE,
-                    EVENTFLOW_RED=_source_tag(params.red),
-                    EVENTFLOW_NIR=_source_tag(params.nir),
+            write_cog(stage, partial, params.compress, level, params.num_threads)
+            if progress is not None:
+                progress(_COG_END)
+            clock.lap("cog")
+            field_results = None
+            if fields is not None:
+                field_results = field_stats(
+                    fields, stage, reasons_path, params.all_touched, params.vegetation_threshold
                 )
-                for done, window in enumerate(windows, start=1):
-                    try:
-                        red, red_invalid = _read_band(red_ds, params.red.band, window, red_nodata, scale, offset)
-                        nir, nir_invalid = _read_band(nir_ds, params.nir.band, window, nir_nodata, scale, offset)
-                    except RasterioError as exc:
-                        raise InputError(f"reading the inputs failed at rows {window.row_off}+: {exc}") from exc
-                    invalid = red_invalid | nir_invalid
-                    ndvi, zero_sum = _ndvi(red, nir, invalid)
-                    dst.write(ndvi, 1, window=window)
-                    accumulator.add(ndvi[~(invalid | zero_sum)], int(invalid.sum()), int(zero_sum.sum()))
-                    if progress is not None:
-                        progress(done / steps)
-            stats = accumulator.finish(_reread_valid(partial, windows, progress, len(windows), steps))
+                clock.lap("fields")
+            previews = None
+            if params.previews:
+                stem = output.with_name(output.name.removesuffix(output.suffix) if output.suffix else output.name)
+                previews = write_previews(
+                    partial, stem, accumulator.quantiles.get(0.02), accumulator.quantiles.get(0.98)
+                )
+                clock.lap("previews")
             os.replace(partial, output)
         finally:
             partial.unlink(missing_ok=True)
     if progress is not None:
         progress(1.0)
+    timings = dict(clock.totals)
+    timings["total"] = time.perf_counter() - started
     return NdviOutcome(
         output_path=str(output),
         width=width,
@@ -298,20 +545,23 @@ def run_ndvi(
         stats=stats,
         applied_scale=scale,
         applied_offset=offset,
+        fields=field_results,
+        previews=previews,
+        timings=timings,
+        tags=tags,
     )
 
 
 def _reread_valid(
-    path: Path, windows: list[Window], progress: Callable[[float], None] | None, first: int, steps: int
+    path: Path, windows: list[Window], progress: Callable[[float], None] | None
 ) -> Iterator[npt.NDArray[np.float32]]:
-    """Yield the valid values of the written NDVI, window by window, for the median's second pass."""
+    """Yield the valid values of the written NDVI, window by window, for the quantiles' second pass."""
     with rasterio.open(path) as src:
-        for done, window in enumerate(windows, start=first + 1):
+        for done, window in enumerate(windows, start=1):
             values = src.read(1, window=window)
             yield values[~np.isnan(values)]
-            # The last step is reported by run_ndvi itself once the file is in place.
-            if progress is not None and done < steps:
-                progress(done / steps)
+            if progress is not None:
+                progress(_PASS1_END + (_PASS2_END - _PASS1_END) * done / len(windows))
 
 
 def reference_ndvi(params: NdviParams) -> npt.NDArray[np.float64]:

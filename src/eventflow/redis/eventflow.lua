@@ -12,7 +12,7 @@ Names are global across libraries, so each starts with eventflow_. A change to K
 function means a new name; a change of behaviour means a new LIBRARY_VERSION.
 ]]
 
-local LIBRARY_VERSION = '1'
+local LIBRARY_VERSION = '2'
 
 -- Append a lifecycle event (flat field list) to the event stream, approximately capped.
 -- The event stream is a notification log, not work: capping it loses no job.
@@ -217,27 +217,83 @@ local function ack_entry(keys, argv)
   return redis.call('XACK', keys[1], argv[1], argv[2])
 end
 
---[[ eventflow_record_failure
-Purpose: remember an attempt's failure on its entry (first/last time, class, message, for the DLQ
-  record) and mark the job retrying, with a `retrying` event.
-KEYS[1] failure hash   KEYS[2] job state hash   KEYS[3] event stream
+--[[ eventflow_schedule_retry
+Purpose: remember an attempt's transient failure on its entry (first/last time, class, message, for the
+  DLQ record), mark the job retrying with a `retrying` event, and schedule the entry's next delivery
+  in the retry set. The entry stays pending; the reaper re-delivers it when due (counting a delivery).
+KEYS[1] failure hash   KEYS[2] job state hash   KEYS[3] event stream   KEYS[4] retry schedule (zset)
 ARGV[1] failure class   ARGV[2] message   ARGV[3] now (ms)   ARGV[4] event stream cap
-ARGV[5..] extra event fields
+ARGV[5] entry id   ARGV[6] due time (ms)   ARGV[7..] extra event fields
 Reply: number of failures recorded for this entry.
 ]]
-local function record_failure(keys, argv)
+local function schedule_retry(keys, argv)
   redis.call('HSETNX', keys[1], 'first_failure_ms', argv[3])
   redis.call('HSET', keys[1], 'last_failure_ms', argv[3], 'failure_class', argv[1], 'failure_message', argv[2])
   local n = redis.call('HINCRBY', keys[1], 'failures', 1)
   local state = redis.call('HGET', keys[2], 'state')
-  if state ~= 'cancelled' and state ~= 'succeeded' then
+  if state and state ~= 'cancelled' and state ~= 'succeeded' then
     redis.call('HSET', keys[2], 'state', 'retrying', 'updated_at_ms', argv[3],
-      'error_class', argv[1], 'error_message', argv[2])
+      'error_class', argv[1], 'error_message', argv[2], 'retry_due_ms', argv[6])
   end
+  redis.call('ZADD', keys[4], argv[6], argv[5])
   local fields = {'type', 'retrying', 'at_ms', argv[3], 'message', argv[1] .. ': ' .. argv[2]}
-  for _, v in ipairs(tail(argv, 5)) do fields[#fields + 1] = v end
+  for _, v in ipairs(tail(argv, 7)) do fields[#fields + 1] = v end
   add_event(keys[3], argv[4], fields)
   return n
+end
+
+--[[ eventflow_heartbeat_job
+Purpose: keep a running job alive: renew its lease and reset its entry's idle time (XCLAIM to the same
+  consumer with JUSTID, which does not count a delivery), only while the caller still owns both.
+KEYS[1] job stream   KEYS[2] lease key
+ARGV[1] group   ARGV[2] entry id   ARGV[3] consumer   ARGV[4] lease token   ARGV[5] lease TTL (ms)
+Reply: 1 alive; 0 lease lost; -1 entry no longer pending for this consumer. On 0 or -1 the caller must
+  stop the job and write nothing (self-fencing).
+]]
+local function heartbeat_job(keys, argv)
+  if redis.call('GET', keys[2]) ~= argv[4] then return 0 end
+  local p = pending_of(keys[1], argv[1], argv[2])
+  if not p or p[2] ~= argv[3] then return -1 end
+  redis.call('PEXPIRE', keys[2], argv[5])
+  redis.call('XCLAIM', keys[1], argv[1], argv[3], 0, argv[2], 'JUSTID')
+  return 1
+end
+
+--[[ eventflow_reclaim_entry
+Purpose: hand one pending entry to a live consumer, counting a delivery (XCLAIM without JUSTID, so the
+  delivery ceiling is reached; facts #3). Skips entries whose scheduled retry is not due and entries
+  whose owner touched them within the idle threshold (a healthy long job). An entry deleted from the
+  stream while pending is recorded as lost work on the dead-letter stream and removed from the
+  pending list -- never silently dropped.
+KEYS[1] job stream   KEYS[2] retry schedule (zset)   KEYS[3] dead-letter stream   KEYS[4] failure hash
+ARGV[1] group   ARGV[2] entry id   ARGV[3] target consumer   ARGV[4] min idle (ms)   ARGV[5] now (ms)
+ARGV[6] "1" to ignore the idle threshold (a due retry)   ARGV[7] delivery ceiling
+Reply: "claimed", "scheduled" (retry not due), "busy" (not idle long enough), "gone" (no longer
+  pending), "ceiling" (at the ceiling: dead-letter it instead), or "lost".
+]]
+local function reclaim_entry(keys, argv)
+  local due = redis.call('ZSCORE', keys[2], argv[2])
+  if due and tonumber(due) > tonumber(argv[5]) then return 'scheduled' end
+  local p = pending_of(keys[1], argv[1], argv[2])
+  if not p then
+    redis.call('ZREM', keys[2], argv[2])
+    return 'gone'
+  end
+  if argv[6] ~= '1' and tonumber(p[3]) < tonumber(argv[4]) then return 'busy' end
+  if #redis.call('XRANGE', keys[1], argv[2], argv[2]) == 0 then
+    redis.call('XADD', keys[3], '*', 'original_entry_id', argv[2], 'delivery_count', p[4],
+      'failure_class', 'lost', 'failure_message', 'entry deleted from the job stream while pending',
+      'payload', '{}', 'first_failure_ms', argv[5], 'last_failure_ms', argv[5], 'dead_lettered_at_ms', argv[5],
+      'job_id', '', 'request_hash', '', 'replay_generation', '0')
+    redis.call('XACK', keys[1], argv[1], argv[2])
+    redis.call('ZREM', keys[2], argv[2])
+    redis.call('DEL', keys[4])
+    return 'lost'
+  end
+  if tonumber(p[4]) >= tonumber(argv[7]) then return 'ceiling' end
+  redis.call('XCLAIM', keys[1], argv[1], argv[3], 0, argv[2])
+  redis.call('ZREM', keys[2], argv[2])
+  return 'claimed'
 end
 
 --[[ eventflow_dead_letter
@@ -245,7 +301,7 @@ Purpose: move one pending entry to the dead-letter stream: append the DLQ record
   in one step, so a crash can neither duplicate the record nor leave an entry that is neither pending
   nor dead-lettered. Marks the job dead_lettered with a `dead_lettered` event.
 KEYS[1] job stream   KEYS[2] dead-letter stream   KEYS[3] job state hash   KEYS[4] event stream
-KEYS[5] failure hash of the entry
+KEYS[5] failure hash of the entry   KEYS[6] retry schedule (zset)
 ARGV[1] group   ARGV[2] entry id   ARGV[3] expected owner consumer, or "" for any (the reaper)
 ARGV[4] failure class, or "" to use the recorded one   ARGV[5] failure message (same rule)
 ARGV[6] now (ms)   ARGV[7] event stream cap   ARGV[8] minimum delivery count, "0" for none
@@ -288,6 +344,7 @@ local function dead_letter(keys, argv)
     'replay_generation', payload['replay_generation'] or '0')
   redis.call('XACK', keys[1], argv[1], argv[2])
   redis.call('DEL', keys[5])
+  redis.call('ZREM', keys[6], argv[2])
   if argv[9] ~= '' then
     redis.call('HSET', keys[3], 'state', 'dead_lettered', 'updated_at_ms', argv[6],
       'error_class', class, 'error_message', message, 'dlq_id', dlq_id)
@@ -354,7 +411,9 @@ redis.register_function('eventflow_renew_lease', renew_lease)
 redis.register_function('eventflow_release_lease', release_lease)
 redis.register_function('eventflow_commit_result', commit_result)
 redis.register_function('eventflow_ack_entry', ack_entry)
-redis.register_function('eventflow_record_failure', record_failure)
+redis.register_function('eventflow_schedule_retry', schedule_retry)
+redis.register_function('eventflow_heartbeat_job', heartbeat_job)
+redis.register_function('eventflow_reclaim_entry', reclaim_entry)
 redis.register_function('eventflow_dead_letter', dead_letter)
 redis.register_function('eventflow_report_progress', report_progress)
 redis.register_function('eventflow_cancel_job', cancel_job)

@@ -201,17 +201,33 @@ class Functions:
             raise
         return int(reply) == 1
 
-    async def record_failure(
-        self, entry_id: str, job_id: str, failure_class: str, message: str, event_fields: dict[str, str]
+    async def schedule_retry(
+        self, entry_id: str, job_id: str, failure_class: str, message: str, due_ms: int,
+        event_fields: dict[str, str],
     ) -> int:
-        """Record an attempt's failure on the entry; returns how many failures it has."""
+        """Record a transient failure and schedule the entry's retry; returns the entry's failure count."""
         k = self.keys
         reply = await self._call(
-            "eventflow_record_failure",
-            [k.failure(entry_id), k.job_state(job_id), k.event_stream],
-            [failure_class, message[:2000], now_ms(), self.event_cap, *_flat(event_fields)],
+            "eventflow_schedule_retry",
+            [k.failure(entry_id), k.job_state(job_id or "-"), k.event_stream, k.retry_schedule],
+            [failure_class, message[:2000], now_ms(), self.event_cap, entry_id, due_ms, *_flat(event_fields)],
         )
         return int(reply)
+
+    async def heartbeat_job(self, entry_id: str, consumer: str, request_hash: str, token: str, ttl_ms: int) -> int:
+        """Renew the lease and reset the entry's idle time: 1 alive, 0 lease lost, -1 entry not ours."""
+        k = self.keys
+        return int(await self._call("eventflow_heartbeat_job", [k.job_stream, k.lease(request_hash)],
+                                    [k.group, entry_id, consumer, token, ttl_ms]))
+
+    async def reclaim_entry(self, entry_id: str, target: str, min_idle_ms: int, *, force: bool,
+                            max_deliveries: int) -> str:
+        """Hand an entry to a live consumer (counts a delivery); see eventflow_reclaim_entry for replies."""
+        k = self.keys
+        return _s(await self._call(
+            "eventflow_reclaim_entry",
+            [k.job_stream, k.retry_schedule, k.dead_letter_stream, k.failure(entry_id)],
+            [k.group, entry_id, target, min_idle_ms, now_ms(), "1" if force else "0", max_deliveries]))
 
     async def dead_letter(
         self,
@@ -230,7 +246,7 @@ class Functions:
             reply = await self._call(
                 "eventflow_dead_letter",
                 [k.job_stream, k.dead_letter_stream, k.job_state(job_id or "-"), k.event_stream,
-                 k.failure(entry_id)],
+                 k.failure(entry_id), k.retry_schedule],
                 [k.group, entry_id, consumer, failure_class, message[:2000], now_ms(), self.event_cap,
                  min_deliveries, job_id, request_hash],
             )

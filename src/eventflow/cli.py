@@ -156,7 +156,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             ingest={**base.ingest.model_dump(), "port": port, "host": "127.0.0.1",
                     "allow_anonymous": base.ingest.allow_anonymous or not base.ingest.tokens},
             consumer={**base.consumer.model_dump(), "drain_timeout_s": min(base.consumer.drain_timeout_s, 20.0)},
-            reaper={**base.reaper.model_dump(), "min_idle_ms": min(base.reaper.min_idle_ms, 30_000),
+            reaper={**base.reaper.model_dump(),
+                    "min_idle_ms": max(base.consumer.lease_ttl_ms + 5_000, min(base.reaper.min_idle_ms, 40_000)),
                     "interval_s": min(base.reaper.interval_s, 2.0)},
             metrics={**base.metrics.model_dump(), "enabled": False},
         )

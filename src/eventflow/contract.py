@@ -85,10 +85,22 @@ class BandFileInputs(_Strict):
 
 
 class OutputOptions(_Strict):
-    """What to produce besides the NDVI GeoTIFF."""
+    """What to produce: the NDVI Cloud Optimized GeoTIFF, and optionally previews."""
 
-    format: Literal["GTiff"] = "GTiff"
+    format: Literal["COG"] = "COG"
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = "ndvi"
+    compress: Literal["zstd", "deflate"] = "zstd"
+    previews: bool = Field(default=False, description="Also write PNG previews (absolute and p2-p98 stretch).")
+    all_touched: bool = Field(default=False, description="Per-field rule: every touched pixel, not pixel centres.")
+    vegetation_threshold: float = Field(default=0.3, ge=-1, le=1, description="NDVI counted as vegetation.")
+
+
+class QaInput(_Strict):
+    """A quality band whose rejected classes mask pixels (counted separately from nodata)."""
+
+    href: Href
+    band: BandNumber = 1
+    kind: Literal["scl", "qa_pixel", "fmask"]
 
 
 def _finite(value: float | None) -> float | None:
@@ -109,6 +121,9 @@ class NdviJobRequest(_Strict):
     fields: dict[str, Any] | None = Field(default=None, description="GeoJSON FeatureCollection.")
     output: OutputOptions | None = None
     priority: int | None = Field(default=None, ge=0, le=9, description="0 (low) to 9 (high).")
+    qa: QaInput | None = None
+    resample: Literal["none", "nearest", "bilinear"] = Field(
+        default="none", description="Red and NIR on different grids: refuse (none) or warp NIR onto red.")
 
     _check_finite = field_validator("scale", "offset", "nodata")(_finite)
 
@@ -157,9 +172,10 @@ class NdviJobRequest(_Strict):
 
     def hrefs(self) -> list[tuple[str, str]]:
         """(field path, href) for every input location, so admission can vet each one."""
+        qa = [("qa.href", self.qa.href)] if self.qa else []
         if isinstance(self.inputs, MultibandInputs):
-            return [("inputs.href", self.inputs.href)]
-        return [("inputs.red.href", self.inputs.red.href), ("inputs.nir.href", self.inputs.nir.href)]
+            return [("inputs.href", self.inputs.href), *qa]
+        return [("inputs.red.href", self.inputs.red.href), ("inputs.nir.href", self.inputs.nir.href), *qa]
 
     def hash_for(self, tenant: str) -> str:
         """The tenant-scoped deterministic request hash."""

@@ -18,6 +18,7 @@ layout below is the whole truth about what lives in Redis (docs/contract.md mirr
 | failure(entry_id)         | eventflow:failure:{entry_id}              | hash        |
 | retry_schedule            | eventflow:retries                         | zset        |
 | heartbeat(consumer)       | eventflow:consumer:{consumer}             | string+TTL  |
+| consumer_registry         | eventflow:consumers                       | zset        |
 | reaper_heartbeat          | eventflow:reaper:heartbeat                | string+TTL  |
 | epoch                     | eventflow:epoch                           | string      |
 """
@@ -61,6 +62,11 @@ class Keys:
         return f"{self.prefix}:epoch"
 
     @property
+    def consumer_registry(self) -> str:
+        """Every consumer that announced itself, scored by its last heartbeat (ms)."""
+        return f"{self.prefix}:consumers"
+
+    @property
     def reaper_heartbeat(self) -> str:
         """Refreshed by the reaper every cycle."""
         return f"{self.prefix}:reaper:heartbeat"
@@ -97,7 +103,3 @@ class Keys:
     def heartbeat(self, consumer: str) -> str:
         """A live consumer's heartbeat; expiry marks the consumer dead."""
         return f"{self.prefix}:consumer:{consumer}"
-
-    def heartbeat_pattern(self) -> str:
-        """SCAN pattern matching every consumer heartbeat."""
-        return f"{self.prefix}:consumer:*"

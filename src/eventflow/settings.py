@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eventflow.errors import ConfigError
@@ -158,6 +158,15 @@ class EventflowSettings(BaseSettings):
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
+    @model_validator(mode="after")
+    def _reclaim_after_lease_expiry(self) -> EventflowSettings:
+        # Reclaiming an entry while its dead worker's lease still holds only burns a delivery.
+        if self.reaper.min_idle_ms <= self.consumer.lease_ttl_ms:
+            raise ValueError(
+                f"EVENTFLOW_REAPER__MIN_IDLE_MS ({self.reaper.min_idle_ms}) must exceed "
+                f"EVENTFLOW_CONSUMER__LEASE_TTL_MS ({self.consumer.lease_ttl_ms})")
+        return self
+
     @field_validator("ndvi")
     @classmethod
     def _roots_absolute(cls, value: NdviSettings) -> NdviSettings:
@@ -178,7 +187,8 @@ def load_settings(**overrides: Any) -> EventflowSettings:
     try:
         return EventflowSettings(**overrides)
     except ValidationError as exc:
-        problems = [f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        problems = [f"{env_name(err['loc'])}: {err['msg']}" if err["loc"] else err["msg"].removeprefix("Value error, ")
+                    for err in exc.errors()]
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
 
 

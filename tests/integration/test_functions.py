@@ -183,8 +183,7 @@ async def test_dead_letter_respects_minimum_deliveries(functions: Functions, red
 async def test_reap_consumer_only_when_dead_and_empty(functions: Functions, redis: Redis, keys: Keys) -> None:
     sub = await submit(functions)
     await redis.xreadgroup(keys.group, "dead", {keys.job_stream: ">"}, count=1)
-    await redis.set(keys.heartbeat("alive"), "1")
-    await redis.xgroup_createconsumer(keys.job_stream, keys.group, "alive")
+    await functions.consumer_heartbeat("alive", 60_000, "1")
     assert not await functions.reap_consumer("dead")  # still owns a pending entry
     assert not await functions.reap_consumer("alive")  # heartbeat present
     await functions.ack_entry(sub.entry_id, "dead", None, None)
@@ -228,25 +227,29 @@ async def test_heartbeat_resets_idle_without_counting_a_delivery(functions: Func
 async def test_reclaim_entry_rules(functions: Functions, redis: Redis, keys: Keys) -> None:
     sub = await submit(functions)
     await redis.xreadgroup(keys.group, "dead", {keys.job_stream: ">"}, count=1)
-    assert await functions.reclaim_entry(sub.entry_id, "live", 60_000, force=False, max_deliveries=3) == "busy"
+    assert await functions.reclaim_entry(sub.entry_id, "h1", "live", 60_000, force=False, max_deliveries=3) == "busy"
     await functions.schedule_retry(sub.entry_id, sub.job_id, "IOError", "flaky", now_ms() + 60_000, {})
-    assert await functions.reclaim_entry(sub.entry_id, "live", 0, force=True, max_deliveries=3) == "scheduled"
+    assert await functions.reclaim_entry(sub.entry_id, "h1", "live", 0, force=True, max_deliveries=3) == "scheduled"
     await redis.zadd(keys.retry_schedule, {sub.entry_id: now_ms() - 1})
-    assert await functions.reclaim_entry(sub.entry_id, "live", 60_000, force=True, max_deliveries=3) == "claimed"
+    assert await functions.reclaim_entry(sub.entry_id, "h1", "live", 60_000, force=True, max_deliveries=3) == "claimed"
     row = await pending_row(redis, keys, sub.entry_id)
     assert (row["consumer"], row["times_delivered"]) == ("live", 2)  # the re-delivery counts
     assert await redis.zscore(keys.retry_schedule, sub.entry_id) is None
-    assert await functions.reclaim_entry(sub.entry_id, "other", 0, force=False, max_deliveries=3) == "claimed"
-    assert await functions.reclaim_entry(sub.entry_id, "other", 0, force=False, max_deliveries=3) == "ceiling"
+    # While a worker still holds the request's lease, re-delivering would only burn a delivery.
+    assert await lease(functions, h="h1", token="w") >= 1
+    assert await functions.reclaim_entry(sub.entry_id, "h1", "other", 0, force=False, max_deliveries=3) == "leased"
+    assert await functions.release_lease("h1", "w")
+    assert await functions.reclaim_entry(sub.entry_id, "h1", "other", 0, force=False, max_deliveries=3) == "claimed"
+    assert await functions.reclaim_entry(sub.entry_id, "h1", "other", 0, force=False, max_deliveries=3) == "ceiling"
     await functions.ack_entry(sub.entry_id, "other", None, None)
-    assert await functions.reclaim_entry(sub.entry_id, "other", 0, force=False, max_deliveries=3) == "gone"
+    assert await functions.reclaim_entry(sub.entry_id, "h1", "other", 0, force=False, max_deliveries=3) == "gone"
 
 
 async def test_reclaim_records_deleted_entries_as_lost(functions: Functions, redis: Redis, keys: Keys) -> None:
     sub = await submit(functions)
     await redis.xreadgroup(keys.group, "dead", {keys.job_stream: ">"}, count=1)
     await redis.xdel(keys.job_stream, sub.entry_id)
-    assert await functions.reclaim_entry(sub.entry_id, "live", 0, force=False, max_deliveries=3) == "lost"
+    assert await functions.reclaim_entry(sub.entry_id, "h1", "live", 0, force=False, max_deliveries=3) == "lost"
     [(_, record)] = await redis.xrange(keys.dead_letter_stream)
     assert record["failure_class"] == "lost" and record["original_entry_id"] == sub.entry_id
     assert await pending_row(redis, keys, sub.entry_id) == {}

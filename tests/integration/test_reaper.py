@@ -30,8 +30,7 @@ async def test_idle_entries_go_to_live_consumers_and_count_deliveries(redis: Red
                                                                       functions: Functions, keys: Keys) -> None:
     [(_, _, entry_id)] = await enqueue(functions)
     await redis.xreadgroup(keys.group, "dead", {keys.job_stream: ">"}, count=1)
-    await redis.set(keys.heartbeat("alive"), "1")
-    await redis.xgroup_createconsumer(keys.job_stream, keys.group, "alive")
+    await functions.consumer_heartbeat("alive", 60_000, "1")
     r = reaper(settings, redis)
     report = await r.cycle()
     assert report.reclaimed == 0  # not idle long enough yet
@@ -72,8 +71,7 @@ async def test_deleted_pending_entries_are_reported_as_lost(redis: Redis, settin
     """Negative control for retention: an injected XTRIM MAXLEN 0 is detected and reported."""
     jobs = await enqueue(functions, 3)
     await redis.xreadgroup(keys.group, "c", {keys.job_stream: ">"}, count=3)
-    await redis.set(keys.heartbeat("alive"), "1")
-    await redis.xgroup_createconsumer(keys.job_stream, keys.group, "alive")
+    await functions.consumer_heartbeat("alive", 60_000, "1")
     await redis.xtrim(keys.job_stream, maxlen=0)
     await asyncio.sleep(0.15)
     r = reaper(settings, redis)
@@ -107,7 +105,7 @@ async def test_due_retries_are_reinjected_and_early_ones_wait(redis: Redis, sett
                                                               functions: Functions, keys: Keys) -> None:
     [(job_a, _, a), (job_b, _, b)] = await enqueue(functions, 2)
     await redis.xreadgroup(keys.group, "w", {keys.job_stream: ">"}, count=2)
-    await redis.set(keys.heartbeat("w"), "1")
+    await functions.consumer_heartbeat("w", 60_000, "1")
     await functions.schedule_retry(a, job_a, "IOError", "flaky", now_ms() - 1, {})
     await functions.schedule_retry(b, job_b, "IOError", "flaky", now_ms() + 60_000, {})
     await asyncio.sleep(0.15)  # both are idle past min_idle_ms now

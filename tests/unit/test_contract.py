@@ -62,7 +62,7 @@ def test_request_hash_of_equivalent_requests() -> None:
     a = NdviJobRequest.model_validate(BASE)
     b = NdviJobRequest.model_validate(json.loads(json.dumps(
         {"inputs": {"nir_band": 4.0, "red_band": 3, "href": "file:///data/scene.tif"}, "farm_id": "farm-42",
-         "output": {"format": "GTiff"}})))
+         "output": {"format": "COG"}})))
     assert a.hash_for("t") == b.hash_for("t")
 
 

@@ -51,3 +51,10 @@ def test_cli_rejects_bad_argument(capsys: pytest.CaptureFixture[str]) -> None:
         main(["up", "--consumers", "0"])
     assert info.value.code == 2
     assert "--consumers" in capsys.readouterr().err
+
+
+def test_reclaim_threshold_must_exceed_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTFLOW_REAPER__MIN_IDLE_MS", "20000")
+    monkeypatch.setenv("EVENTFLOW_CONSUMER__LEASE_TTL_MS", "30000")
+    with pytest.raises(ConfigError, match="EVENTFLOW_REAPER__MIN_IDLE_MS"):
+        load_settings()

@@ -178,6 +178,9 @@ async def run_in_thread(pool: ThreadPoolExecutor, spec: JobSpec, handler: Handle
     stop_wait = asyncio.ensure_future(stop.wait())
     try:
         done, _ = await asyncio.wait([future, stop_wait], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        stop_flag.set()  # a thread cannot be killed: ask the handler to stop at its next check
+        raise
     finally:
         stop_wait.cancel()
     if future in done:

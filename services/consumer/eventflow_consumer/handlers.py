@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eventflow.contract import BandFileInputs, JobType, StreamEntry
+from eventflow.contract import BandFileInputs, JobType, OutputOptions, StreamEntry
 from eventflow.errors import TransientError
 from eventflow.inputs import local_path
 from eventflow.settings import NdviSettings
@@ -57,10 +57,19 @@ def run_ndvi_job(entry: StreamEntry, ctx: JobContext) -> dict[str, Any]:
         normalized = request.normalized()["inputs"]
         red = BandSource(path, int(normalized["red_band"]))
         nir = BandSource(path, int(normalized["nir_band"]))
-    payload = entry.payload
-    params = NdviParams(red=red, nir=nir, scale=payload.get("scale"), offset=payload.get("offset"),
-                        nodata=payload.get("nodata"), max_pixels=ctx.ndvi.max_pixels)
-    name = (request.output.name if request.output else "ndvi")
+    output = request.output or OutputOptions()
+    qa = None
+    if request.qa is not None:
+        qa = BandSource(str(local_path("qa.href", request.qa.href, ctx.ndvi)), request.qa.band)
+    normalized = request.normalized()
+    params = NdviParams(
+        red=red, nir=nir, scale=normalized.get("scale"), offset=normalized.get("offset"), nodata=request.nodata,
+        max_pixels=ctx.ndvi.max_pixels, sensor=request.sensor.value if request.sensor else None,
+        qa=qa, qa_kind=request.qa.kind if request.qa else None, fields=request.fields,
+        all_touched=output.all_touched, vegetation_threshold=output.vegetation_threshold,
+        previews=output.previews, resample=request.resample, compress=output.compress,
+    )
+    name = output.name
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     # Each attempt writes its own file named by its fencing token, via a temporary name, so a zombie's
     # late write can never clobber the file a newer attempt committed.
@@ -79,7 +88,14 @@ def run_ndvi_job(entry: StreamEntry, ctx: JobContext) -> dict[str, Any]:
         tmp.unlink(missing_ok=True)
     data = outcome.to_dict()
     data["output_path"] = str(final)
-    return {"outputs": {"ndvi": str(final)}, "stats": outcome.stats.to_dict(), "ndvi": data}
+    outputs = {"ndvi": str(final)}
+    for kind, path in (outcome.previews or {}).items():
+        # Previews were written beside the temporary name: give them the final, per-fence name too.
+        placed = ctx.output_dir / f"{name}-f{ctx.fence}.{'abs' if kind == 'absolute' else 'rel'}.png"
+        Path(path).replace(placed)
+        outputs[f"preview_{kind}"] = str(placed)
+    data["previews"] = {k.removeprefix("preview_"): v for k, v in outputs.items() if k.startswith("preview_")}
+    return {"outputs": outputs, "stats": outcome.stats.to_dict(), "fields": data.get("fields") or [], "ndvi": data}
 
 
 #: Job type -> handler. A new event type registers here and needs no change to the runtime.

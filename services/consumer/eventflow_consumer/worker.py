@@ -109,7 +109,7 @@ class Worker:
 
     async def _heartbeat_once(self) -> None:
         value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()})
-        await self.redis.set(self.keys.heartbeat(self.name), value, px=self.cfg.heartbeat_ttl_ms)
+        await self.functions.consumer_heartbeat(self.name, self.cfg.heartbeat_ttl_ms, value)
         self.metrics.heartbeat.set(time.time())
 
     async def _heartbeat_loop(self) -> None:
@@ -282,9 +282,13 @@ class Worker:
                 entry.request_hash, entry.job_id, token, fence, json.dumps(result), event))
             await self._failpoint("after_commit")
             await asyncio.shield(self._ack(entry_id, entry, token))
-            self.metrics.jobs.labels(outcome="succeeded" if outcome != "cancelled" else "cancelled").inc()
+            label = {"committed": "succeeded", "exists": "duplicate"}.get(outcome, outcome)
+            self.metrics.jobs.labels(outcome=label).inc()
             self.metrics.duration.observe(time.perf_counter() - started)
-            log.info("job %s in %.3fs", outcome, time.perf_counter() - started, extra=ctx_log)
+            if outcome == "exists":
+                log.warning("another attempt already committed this request; nothing written", extra=ctx_log)
+            else:
+                log.info("job %s in %.3fs", label, time.perf_counter() - started, extra=ctx_log)
         except JobFailed as exc:
             self.metrics.failures.labels(failure_class=exc.failure_class).inc()
             if exc.permanent:

@@ -53,9 +53,8 @@ class Reaper:
         self.lost_ids: list[str] = []
 
     async def live_consumers(self) -> list[str]:
-        """Consumers of the group whose heartbeat key exists."""
-        consumers = await self.redis.xinfo_consumers(self.keys.job_stream, self.keys.group)
-        names = [c["name"] for c in consumers]
+        """Registered consumers whose heartbeat key exists."""
+        names = list(await self.redis.zrange(self.keys.consumer_registry, 0, -1))
         if not names:
             return []
         alive = await self.redis.mget([self.keys.heartbeat(n) for n in names])
@@ -72,14 +71,15 @@ class Reaper:
         due = await self.redis.zrangebyscore(k.retry_schedule, "-inf", now_ms(), start=0, num=self.cfg.claim_batch)
         candidates = {row["message_id"]: False for row in idle}
         candidates.update(dict.fromkeys(due, True))
+        hashes = await self._request_hashes(list(candidates))
         for entry_id, is_due in candidates.items():
             target = random.choice(live) if live else ""
             if not target:
                 # Nobody to hand work to; still enforce the ceiling so poison does not wait for consumers.
                 outcome = "ceiling" if await self._at_ceiling(entry_id, ceiling) else "no_consumer"
             else:
-                outcome = await self.functions.reclaim_entry(entry_id, target, self.cfg.min_idle_ms, force=is_due,
-                                                             max_deliveries=ceiling)
+                outcome = await self.functions.reclaim_entry(entry_id, hashes.get(entry_id, ""), target,
+                                                             self.cfg.min_idle_ms, force=is_due, max_deliveries=ceiling)
             if outcome == "claimed":
                 report.reclaimed += 1
             elif outcome == "ceiling":
@@ -91,9 +91,9 @@ class Reaper:
                 log.error("lost work: pending entry %s was deleted from the job stream; recorded on the "
                           "dead-letter stream with class 'lost'", entry_id, extra={"entry_id": entry_id})
         # Remove dead consumers, only when their pending list is empty (atomic in the function).
-        consumers = await self.redis.xinfo_consumers(k.job_stream, k.group)
-        for c in consumers:
-            if c["name"] not in live and int(c["pending"]) == 0 and await self.functions.reap_consumer(c["name"]):
+        consumers = {c["name"]: int(c["pending"]) for c in await self.redis.xinfo_consumers(k.job_stream, k.group)}
+        for name in set(consumers) | set(await self.redis.zrange(k.consumer_registry, 0, -1)):
+            if name not in live and consumers.get(name, 0) == 0 and await self.functions.reap_consumer(name):
                 report.consumers_removed += 1
         await self.export(len(live))
         self.metrics.reclaimed.inc(report.reclaimed)
@@ -104,6 +104,14 @@ class Reaper:
         self.metrics.heartbeat.set(now)
         await self.redis.set(k.reaper_heartbeat, str(now), px=int(self.cfg.interval_s * 3000) + 1000)
         return report
+
+    async def _request_hashes(self, entry_ids: list[str]) -> dict[str, str]:
+        """Request hash of each entry (to check its lease), read in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xrange(self.keys.job_stream, entry_id, entry_id)
+            found = await pipe.execute()
+        return {e: rows[0][1].get("request_hash", "")[:64] for e, rows in zip(entry_ids, found, strict=True) if rows}
 
     async def _at_ceiling(self, entry_id: str, ceiling: int) -> bool:
         rows = await self.redis.xpending_range(self.keys.job_stream, self.keys.group, min=entry_id, max=entry_id,

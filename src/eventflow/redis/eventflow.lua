@@ -12,7 +12,7 @@ Names are global across libraries, so each starts with eventflow_. A change to K
 function means a new name; a change of behaviour means a new LIBRARY_VERSION.
 ]]
 
-local LIBRARY_VERSION = '2'
+local LIBRARY_VERSION = '3'
 
 -- Append a lifecycle event (flat field list) to the event stream, approximately capped.
 -- The event stream is a notification log, not work: capping it loses no job.
@@ -266,10 +266,12 @@ Purpose: hand one pending entry to a live consumer, counting a delivery (XCLAIM 
   stream while pending is recorded as lost work on the dead-letter stream and removed from the
   pending list -- never silently dropped.
 KEYS[1] job stream   KEYS[2] retry schedule (zset)   KEYS[3] dead-letter stream   KEYS[4] failure hash
+KEYS[5] the lease key of the entry's request hash
 ARGV[1] group   ARGV[2] entry id   ARGV[3] target consumer   ARGV[4] min idle (ms)   ARGV[5] now (ms)
 ARGV[6] "1" to ignore the idle threshold (a due retry)   ARGV[7] delivery ceiling
-Reply: "claimed", "scheduled" (retry not due), "busy" (not idle long enough), "gone" (no longer
-  pending), "ceiling" (at the ceiling: dead-letter it instead), or "lost".
+Reply: "claimed", "scheduled" (retry not due), "busy" (not idle long enough), "leased" (a worker still
+  holds the request's lease: re-delivering now would only burn a delivery), "gone" (no longer pending),
+  "ceiling" (at the ceiling: dead-letter it instead), or "lost".
 ]]
 local function reclaim_entry(keys, argv)
   local due = redis.call('ZSCORE', keys[2], argv[2])
@@ -291,6 +293,7 @@ local function reclaim_entry(keys, argv)
     return 'lost'
   end
   if tonumber(p[4]) >= tonumber(argv[7]) then return 'ceiling' end
+  if redis.call('EXISTS', keys[5]) == 1 then return 'leased' end
   redis.call('XCLAIM', keys[1], argv[1], argv[3], 0, argv[2])
   redis.call('ZREM', keys[2], argv[2])
   return 'claimed'
@@ -388,10 +391,26 @@ local function cancel_job(keys, argv)
   return 'cancelled'
 end
 
+--[[ eventflow_consumer_heartbeat
+Purpose: a consumer announces it is alive: heartbeat key with a TTL, its entry in the consumer
+  registry, and its membership of the group (XGROUP CREATECONSUMER). Redis 7.0 does not add a
+  consumer on a blocking XREADGROUP that returns nothing, so without this an idle new consumer is
+  invisible to the reaper.
+KEYS[1] heartbeat key   KEYS[2] consumer registry (zset)   KEYS[3] job stream
+ARGV[1] group   ARGV[2] consumer   ARGV[3] heartbeat TTL (ms)   ARGV[4] now (ms)   ARGV[5] heartbeat value
+Reply: 1.
+]]
+local function consumer_heartbeat(keys, argv)
+  redis.call('SET', keys[1], argv[5], 'PX', argv[3])
+  redis.call('ZADD', keys[2], argv[4], argv[2])
+  redis.call('XGROUP', 'CREATECONSUMER', keys[3], argv[1], argv[2])
+  return 1
+end
+
 --[[ eventflow_reap_consumer
-Purpose: delete a dead consumer from the group only if its heartbeat is gone AND its pending list is
-  empty, in one step: XGROUP DELCONSUMER drops pending entries for good (facts #4).
-KEYS[1] job stream   KEYS[2] the consumer's heartbeat key
+Purpose: delete a dead consumer from the group and the registry only if its heartbeat is gone AND its
+  pending list is empty, in one step: XGROUP DELCONSUMER drops pending entries for good (facts #4).
+KEYS[1] job stream   KEYS[2] the consumer's heartbeat key   KEYS[3] consumer registry (zset)
 ARGV[1] group   ARGV[2] consumer name
 Reply: 1 deleted; 0 kept (alive, or still owns pending entries).
 ]]
@@ -400,6 +419,7 @@ local function reap_consumer(keys, argv)
   local rows = redis.call('XPENDING', keys[1], argv[1], '-', '+', 1, argv[2])
   if #rows > 0 then return 0 end
   redis.call('XGROUP', 'DELCONSUMER', keys[1], argv[1], argv[2])
+  redis.call('ZREM', keys[3], argv[2])
   return 1
 end
 
@@ -418,3 +438,4 @@ redis.register_function('eventflow_dead_letter', dead_letter)
 redis.register_function('eventflow_report_progress', report_progress)
 redis.register_function('eventflow_cancel_job', cancel_job)
 redis.register_function('eventflow_reap_consumer', reap_consumer)
+redis.register_function('eventflow_consumer_heartbeat', consumer_heartbeat)

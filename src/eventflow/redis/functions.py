@@ -220,13 +220,13 @@ class Functions:
         return int(await self._call("eventflow_heartbeat_job", [k.job_stream, k.lease(request_hash)],
                                     [k.group, entry_id, consumer, token, ttl_ms]))
 
-    async def reclaim_entry(self, entry_id: str, target: str, min_idle_ms: int, *, force: bool,
+    async def reclaim_entry(self, entry_id: str, request_hash: str, target: str, min_idle_ms: int, *, force: bool,
                             max_deliveries: int) -> str:
         """Hand an entry to a live consumer (counts a delivery); see eventflow_reclaim_entry for replies."""
         k = self.keys
         return _s(await self._call(
             "eventflow_reclaim_entry",
-            [k.job_stream, k.retry_schedule, k.dead_letter_stream, k.failure(entry_id)],
+            [k.job_stream, k.retry_schedule, k.dead_letter_stream, k.failure(entry_id), k.lease(request_hash or "-")],
             [k.group, entry_id, target, min_idle_ms, now_ms(), "1" if force else "0", max_deliveries]))
 
     async def dead_letter(
@@ -275,9 +275,15 @@ class Functions:
     async def reap_consumer(self, consumer: str) -> bool:
         """Delete a consumer whose heartbeat is gone and whose pending list is empty."""
         k = self.keys
-        reply = await self._call("eventflow_reap_consumer", [k.job_stream, k.heartbeat(consumer)],
-                                 [k.group, consumer])
+        reply = await self._call("eventflow_reap_consumer",
+                                 [k.job_stream, k.heartbeat(consumer), k.consumer_registry], [k.group, consumer])
         return int(reply) == 1
+
+    async def consumer_heartbeat(self, consumer: str, ttl_ms: int, value: str) -> None:
+        """Announce a live consumer: heartbeat key, registry entry, group membership."""
+        k = self.keys
+        await self._call("eventflow_consumer_heartbeat", [k.heartbeat(consumer), k.consumer_registry, k.job_stream],
+                         [k.group, consumer, ttl_ms, now_ms(), value])
 
 
 def _s(value: Any) -> str:

@@ -326,10 +326,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _time_bound(text: str | None, name: str) -> int | None:
+    """A --since/--until value: Unix milliseconds, or an ISO-8601 time."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--{name}: {text!r} is neither Unix milliseconds nor an ISO-8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
-    """Inspect the dead-letter stream (list, show)."""
+    """Inspect and act on the dead-letter stream: list, show, replay, purge."""
     from eventflow.contract import DeadLetterEntry
-    from eventflow.redis.client import connect, keys_for
+    from eventflow.redis.client import connect, functions_for, keys_for
 
     url = os.environ.get("EVENTFLOW_REDIS__URL") or _redis_url_from_state(args)
     if not url:
@@ -337,29 +354,70 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return 2
     settings = _settings(redis={"url": url})
 
+    async def matching(redis: Any, keys: Any) -> list[tuple[str, DeadLetterEntry]]:
+        since = _time_bound(getattr(args, "since", None), "since")
+        until = _time_bound(getattr(args, "until", None), "until")
+        start = f"{since}-0" if since is not None else "-"
+        end = f"{until}-99999999" if until is not None else "+"
+        out: list[tuple[str, DeadLetterEntry]] = []
+        rows = await redis.xrange(keys.dead_letter_stream, start, end)
+        if args.dlq_command == "list":
+            rows = list(reversed(rows))
+        for dlq_id, fields in rows:
+            entry = DeadLetterEntry.from_fields(fields)
+            if args.failure_class and entry.failure_class != args.failure_class:
+                continue
+            if args.job_id and entry.job_id != args.job_id:
+                continue
+            out.append((dlq_id, entry))
+            if len(out) >= args.max_count:
+                break
+        return out
+
+    def summary(dlq_id: str, entry: DeadLetterEntry, **extra: Any) -> str:
+        return json.dumps({"dlq_id": dlq_id, "job_id": entry.job_id, "failure_class": entry.failure_class,
+                           "message": entry.failure_message[:200], "deliveries": entry.delivery_count,
+                           "original_entry_id": entry.original_entry_id, **extra})
+
     async def main() -> int:
         redis = connect(settings)
         keys = keys_for(settings)
+        functions = functions_for(redis, settings)
         try:
-            if args.dlq_command == "list":
-                rows = await redis.xrevrange(keys.dead_letter_stream, count=args.limit)
-                for dlq_id, fields in rows:
-                    entry = DeadLetterEntry.from_fields(fields)
-                    if args.failure_class and entry.failure_class != args.failure_class:
-                        continue
-                    if args.job_id and entry.job_id != args.job_id:
-                        continue
-                    print(json.dumps({"dlq_id": dlq_id, "job_id": entry.job_id,
-                                      "failure_class": entry.failure_class, "message": entry.failure_message[:200],
-                                      "deliveries": entry.delivery_count,
-                                      "original_entry_id": entry.original_entry_id}))
+            if args.dlq_command == "show":
+                rows = await redis.xrange(keys.dead_letter_stream, args.dlq_id, args.dlq_id)
+                if not rows:
+                    print(f"eventflow dlq show: no DLQ record {args.dlq_id}", file=sys.stderr)
+                    return 1
+                record = DeadLetterEntry.from_fields(rows[0][1]).model_dump()
+                print(json.dumps({"dlq_id": rows[0][0], **record}, indent=2))
                 return 0
-            rows = await redis.xrange(keys.dead_letter_stream, args.dlq_id, args.dlq_id)
-            if not rows:
-                print(f"eventflow dlq show: no DLQ record {args.dlq_id}", file=sys.stderr)
-                return 1
-            print(json.dumps({"dlq_id": rows[0][0], **DeadLetterEntry.from_fields(rows[0][1]).model_dump()},
-                             indent=2))
+            selected = await matching(redis, keys)
+            if args.dlq_command == "list":
+                for dlq_id, entry in selected:
+                    print(summary(dlq_id, entry))
+                return 0
+            if args.dlq_command == "purge" and not (args.all or args.failure_class or args.job_id or args.since
+                                                    or args.until):
+                print("eventflow dlq purge: name a filter (--failure-class, --job-id, --since, --until) or --all",
+                      file=sys.stderr)
+                return 2
+            counts: dict[str, int] = {}
+            interval = 1.0 / args.rate if args.rate else 0.0
+            for i, (dlq_id, entry) in enumerate(selected):
+                if args.dry_run:
+                    outcome, detail = "would_" + args.dlq_command, ""
+                elif args.dlq_command == "replay":
+                    outcome, detail = await functions.replay_dead_letter(dlq_id, entry.job_id, entry.request_hash)
+                else:
+                    outcome, detail = ("purged" if await functions.purge_dead_letter(dlq_id) else "missing"), ""
+                counts[outcome] = counts.get(outcome, 0) + 1
+                print(summary(dlq_id, entry, outcome=outcome, detail=detail), flush=True)
+                print(f"  {i + 1}/{len(selected)} {args.dlq_command}", file=sys.stderr, flush=True)
+                if interval and i + 1 < len(selected):
+                    await asyncio.sleep(interval)
+            print(json.dumps({"command": args.dlq_command, "dry_run": args.dry_run, "selected": len(selected),
+                              **counts}), file=sys.stderr)
             return 0
         finally:
             await redis.aclose()
@@ -422,13 +480,24 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("job_id", help="job id")
 
-    dlq = sub.add_parser("dlq", help="inspect the dead-letter stream")
+    dlq = sub.add_parser("dlq", help="inspect, replay or purge the dead-letter stream")
     dlq.add_argument("--data-dir", default=None, help="state directory of `eventflow up`")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="DLQ_COMMAND")
-    lst = dsub.add_parser("list", help="list dead-lettered entries, newest first")
-    lst.add_argument("--limit", type=_positive, default=50, help="max records (default 50)")
-    lst.add_argument("--failure-class", default=None, help="only this failure class")
-    lst.add_argument("--job-id", default=None, help="only this job")
+    for name, text in (("list", "list dead-lettered entries, newest first"),
+                       ("replay", "put matching records back on the job stream (same request hash)"),
+                       ("purge", "delete matching records for good")):
+        p = dsub.add_parser(name, help=text)
+        p.add_argument("--failure-class", default=None, help="only this failure class (e.g. input, poison, lost)")
+        p.add_argument("--job-id", default=None, help="only this job")
+        p.add_argument("--since", default=None, help="only records dead-lettered at/after (ms or ISO-8601)")
+        p.add_argument("--until", default=None, help="only records dead-lettered at/before (ms or ISO-8601)")
+        p.add_argument("--max-count", type=_positive, default=50 if name == "list" else 1000,
+                       help="at most this many records")
+        if name != "list":
+            p.add_argument("--dry-run", action="store_true", help="print what would happen, change nothing")
+            p.add_argument("--rate", type=float, default=0.0, help="records per second (default: no limit)")
+        if name == "purge":
+            p.add_argument("--all", action="store_true", help="purge every record (no filter)")
     show = dsub.add_parser("show", help="show one DLQ record")
     show.add_argument("dlq_id", help="DLQ record id")
     dlq.set_defaults(func=cmd_dlq)

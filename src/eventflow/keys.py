@@ -17,6 +17,7 @@ layout below is the whole truth about what lives in Redis (docs/contract.md mirr
 | fence(request_hash)       | eventflow:fence:{request_hash}            | counter     |
 | failure(entry_id)         | eventflow:failure:{entry_id}              | hash        |
 | retry_schedule            | eventflow:retries                         | zset        |
+| dlq_replayed              | eventflow:dlq:replayed                    | hash        |
 | heartbeat(consumer)       | eventflow:consumer:{consumer}             | string+TTL  |
 | consumer_registry         | eventflow:consumers                       | zset        |
 | reaper_heartbeat          | eventflow:reaper:heartbeat                | string+TTL  |
@@ -50,6 +51,11 @@ class Keys:
     def event_stream(self) -> str:
         """Lifecycle events (queued, started, progress, succeeded, ...)."""
         return f"{self.prefix}:events"
+
+    @property
+    def dlq_replayed(self) -> str:
+        """DLQ record id -> the entry id its replay created (makes replay idempotent)."""
+        return f"{self.prefix}:dlq:replayed"
 
     @property
     def retry_schedule(self) -> str:

@@ -65,6 +65,8 @@ class ReaperMetrics:
                                      registry=registry)
         self.lost = Counter("eventflow_lost_entries_total", "Pending entries found deleted from the stream.",
                             registry=registry)
+        self.trimmed = Counter("eventflow_reaper_trimmed_entries_total", "Acked entries trimmed by retention.",
+                               registry=registry)
         self.consumers_removed = Counter("eventflow_reaper_consumers_removed_total", "Dead consumers deleted.",
                                          registry=registry)
         self.heartbeat = Gauge("eventflow_reaper_heartbeat_timestamp_seconds", "Last reaper cycle, Unix seconds.",

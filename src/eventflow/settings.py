@@ -103,6 +103,8 @@ class ReaperSettings(BaseModel):
     interval_s: float = Field(default=5.0, gt=0, description="Seconds between reaper cycles.")
     min_idle_ms: int = Field(default=60_000, ge=100, description="Pending idle time before an entry is reclaimed, ms.")
     claim_batch: int = Field(default=100, ge=1, le=10_000, description="Entries examined per cycle.")
+    retention_ms: int = Field(default=3_600_000, ge=0, description="Acked entries older than this are trimmed "
+                              "from the job stream, ms (never a pending or undelivered one).")
 
 
 class NdviSettings(BaseModel):

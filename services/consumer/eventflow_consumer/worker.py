@@ -61,6 +61,7 @@ class Worker:
         self.metrics = ConsumerMetrics(registry or CollectorRegistry())
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="job")
         self.stopping = asyncio.Event()
+        self.closed = asyncio.Event()  # set after the drain: ends the consumer heartbeat
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.stops: dict[str, asyncio.Event] = {}
         self.background: set[asyncio.Future[None]] = set()
@@ -98,6 +99,7 @@ class Worker:
             await self._read_loop()
         finally:
             await self._drain()
+            self.closed.set()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -113,11 +115,11 @@ class Worker:
         self.metrics.heartbeat.set(time.time())
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_interval_ms / 1000)
+        while not await _wait_or_timeout(self.closed, self.cfg.heartbeat_interval_ms / 1000):
             try:
                 await self._heartbeat_once()
             except RedisError as exc:
+                _reraise_cancel(exc)
                 log.warning("heartbeat failed: %s", exc, extra={"consumer": self.name})
 
     async def _read_loop(self) -> None:
@@ -130,8 +132,9 @@ class Worker:
                     await asyncio.wait([stop_wait, *self.in_flight.values()], return_when=asyncio.FIRST_COMPLETED)
                     continue
                 if time.monotonic() >= next_rescan:
-                    next_rescan = time.monotonic() + self.cfg.pending_rescan_s
-                    await self._take_own_pending(free)
+                    more = await self._take_own_pending(free)
+                    # Assigned entries beyond the free slots go first once a slot frees, not a period later.
+                    next_rescan = 0.0 if more else time.monotonic() + self.cfg.pending_rescan_s
                     continue
                 read = asyncio.create_task(self.redis.xreadgroup(
                     self.keys.group, self.name, {self.keys.job_stream: ">"},
@@ -155,20 +158,23 @@ class Worker:
         finally:
             stop_wait.cancel()
 
-    async def _take_own_pending(self, free: int) -> None:
-        """Start entries pending for this consumer that nothing here is running (reaper-assigned)."""
+    async def _take_own_pending(self, free: int) -> bool:
+        """Start entries pending for this consumer that nothing here is running (reaper-assigned).
+
+        Returns True when runnable entries were left over for lack of free slots.
+        """
         try:
             rows = await self.redis.xpending_range(self.keys.job_stream, self.keys.group, min="-", max="+",
                                                    count=100, consumername=self.name)
         except RedisError as exc:
             log.warning("pending scan failed: %s", exc, extra={"consumer": self.name})
-            return
+            return False
         for row in rows:
             entry_id, deliveries = row["message_id"], int(row["times_delivered"])
-            if free <= 0:
-                return
             if entry_id in self.in_flight or self.parked.get(entry_id, -1) >= deliveries:
                 continue
+            if free <= 0:
+                return True
             self.parked.pop(entry_id, None)
             found = await self.redis.xrange(self.keys.job_stream, entry_id, entry_id)
             if not found:
@@ -176,6 +182,7 @@ class Worker:
                 continue
             self._spawn(entry_id, found[0][1])
             free -= 1
+        return False
 
     def _spawn(self, entry_id: str, fields: dict[str, str]) -> None:
         task = asyncio.create_task(self._process(entry_id, fields), name=f"job-{entry_id}")
@@ -253,7 +260,8 @@ class Worker:
         stop = asyncio.Event()
         self.stops[entry_id] = stop
         lost = asyncio.Event()
-        renew = asyncio.create_task(self._renew(entry_id, entry, token, stop, lost))
+        finished = asyncio.Event()
+        renew = asyncio.create_task(self._renew(entry_id, entry, token, stop, lost, finished))
         started = time.perf_counter()
         try:
             await self._failpoint("before_execute")
@@ -306,6 +314,7 @@ class Worker:
             log.warning("job interrupted by shutdown; left pending for another consumer", extra=ctx_log)
             raise
         finally:
+            finished.set()  # ends the renew loop even if a cancel gets swallowed inside the Redis client
             renew.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renew
@@ -340,12 +349,11 @@ class Worker:
         return 0
 
     async def _renew(self, entry_id: str, entry: StreamEntry, token: str, stop: asyncio.Event,
-                     lost: asyncio.Event) -> None:
+                     lost: asyncio.Event, finished: asyncio.Event) -> None:
         """Heartbeat the job; stop it before its lease could expire if renewal fails (self-fencing)."""
         interval = self.cfg.heartbeat_interval_ms / 1000
         last_ok = time.monotonic()
-        while True:
-            await asyncio.sleep(interval)
+        while not await _wait_or_timeout(finished, interval):
             try:
                 state = await self.functions.heartbeat_job(entry_id, self.name, entry.request_hash, token,
                                                            self.cfg.lease_ttl_ms)
@@ -354,6 +362,7 @@ class Worker:
                     continue
                 reason = "lease lost" if state == 0 else "entry reclaimed by another consumer"
             except RedisError as exc:
+                _reraise_cancel(exc)
                 # Unreachable Redis: keep trying while the lease surely still holds, then give up in time.
                 if time.monotonic() - last_ok + 2 * interval < self.cfg.lease_ttl_ms / 1000:
                     log.warning("heartbeat failed: %s", exc, extra={"job_id": entry.job_id})
@@ -391,6 +400,29 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _wait_or_timeout(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `event`; True if it is set.
+
+    Loops that must end at shutdown check an event rather than rely on task cancellation alone: a cancel
+    that lands while the Redis client is finishing a command can be absorbed by its connection handling.
+    """
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
+
+
+def _reraise_cancel(exc: BaseException) -> None:
+    """Re-raise a cancellation that the Redis client turned into a connection error.
+
+    Cancelling a task mid-command makes redis-py drop the connection, and the cancelled command can
+    surface as ConnectionError instead of CancelledError; a retry loop that catches RedisError would then
+    swallow the cancel and run forever (seen as a consumer that never exits after a SIGTERM drain).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
 
 
 async def serve(settings: EventflowSettings, redis: Redis) -> int:

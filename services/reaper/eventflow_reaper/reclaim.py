@@ -37,6 +37,7 @@ class CycleReport:
     reclaimed: int = 0
     lost: int = 0
     consumers_removed: int = 0
+    trimmed: int = 0
 
 
 class Reaper:
@@ -95,7 +96,9 @@ class Reaper:
         for name in set(consumers) | set(await self.redis.zrange(k.consumer_registry, 0, -1)):
             if name not in live and consumers.get(name, 0) == 0 and await self.functions.reap_consumer(name):
                 report.consumers_removed += 1
+        report.trimmed, _ = await self.functions.trim_stream(now_ms() - self.cfg.retention_ms)
         await self.export(len(live))
+        self.metrics.trimmed.inc(report.trimmed)
         self.metrics.reclaimed.inc(report.reclaimed)
         self.metrics.dead_lettered.inc(report.dead_lettered)
         self.metrics.lost.inc(report.lost)
@@ -162,7 +165,7 @@ class Reaper:
         while not self.stopping.is_set():
             try:
                 report = await self.cycle()
-                if report.dead_lettered or report.reclaimed or report.lost or report.consumers_removed:
+                if any(vars(report).values()):
                     log.info("cycle: %s", report)
             except RedisError as exc:
                 log.warning("reaper cycle failed: %s", exc)

@@ -423,6 +423,99 @@ local function reap_consumer(keys, argv)
   return 1
 end
 
+-- Stream ids as {ms, seq} numbers, so they compare correctly (string comparison does not).
+local function parse_id(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+
+local function id_less(a, b)
+  local am, as = parse_id(a)
+  local bm, bs = parse_id(b)
+  return am < bm or (am == bm and as < bs)
+end
+
+--[[ eventflow_trim_stream
+Purpose: the only trimming of the job stream (retention). Computes, atomically, the lowest id any
+  consumer group still needs -- its oldest pending entry, and the entry after its last-delivered id --
+  and trims with MINID strictly below it and below the age cutoff, so no pending or undelivered entry
+  is ever deleted (facts #2). XTRIM MINID keeps entries with id >= MINID.
+KEYS[1] job stream
+ARGV[1] age cutoff id ("<ms>-0": entries older than the retention period)
+Reply: {entries deleted, the MINID used (or "" when nothing may be trimmed)}.
+]]
+local function trim_stream(keys, argv)
+  if redis.call('EXISTS', keys[1]) == 0 then return {0, ''} end
+  local floor = argv[1]
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', keys[1])) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    -- The first undelivered entry of this group is the one after last-delivered-id.
+    local ms, seq = parse_id(info['last-delivered-id'])
+    local undelivered = ms .. '-' .. (seq + 1)
+    if id_less(undelivered, floor) then floor = undelivered end
+    local oldest = redis.call('XPENDING', keys[1], info['name'])
+    if oldest[2] and oldest[2] ~= false and id_less(oldest[2], floor) then floor = oldest[2] end
+  end
+  if floor == '0-0' or floor == '0-1' then return {0, ''} end
+  local deleted = redis.call('XTRIM', keys[1], 'MINID', floor)
+  return {deleted, floor}
+end
+
+--[[ eventflow_replay_dead_letter
+Purpose: put one dead-lettered job back on the job stream with its original fields (same job id and
+  request hash, so a job that meanwhile succeeded is not run twice: the consumer finds its result) and
+  a replay generation one higher. Idempotent: a marker records each replayed DLQ id, so an interrupted
+  replay run can simply be run again.
+KEYS[1] dead-letter stream   KEYS[2] job stream   KEYS[3] replay marker hash   KEYS[4] job state hash
+KEYS[5] event stream   KEYS[6] result hash of the request
+ARGV[1] DLQ record id   ARGV[2] now (ms)   ARGV[3] event stream cap
+Reply: {outcome, detail}: {"replayed", new entry id}, {"already", earlier entry id},
+  {"succeeded", ""} (a result exists: nothing enqueued), {"missing", ""}, {"no_payload", ""} (lost work).
+]]
+local function replay_dead_letter(keys, argv)
+  local earlier = redis.call('HGET', keys[3], argv[1])
+  if earlier then return {'already', earlier} end
+  local rows = redis.call('XRANGE', keys[1], argv[1], argv[1])
+  if #rows == 0 then return {'missing', ''} end
+  local record = {}
+  local f = rows[1][2]
+  for i = 1, #f, 2 do record[f[i]] = f[i + 1] end
+  local payload = cjson.decode(record['payload'] or '{}')
+  if not payload['job_id'] or not payload['payload'] then return {'no_payload', ''} end
+  if redis.call('EXISTS', keys[6]) == 1 then
+    redis.call('HSET', keys[3], argv[1], 'result-exists')
+    return {'succeeded', ''}
+  end
+  local generation = tonumber(payload['replay_generation'] or '0') + 1
+  payload['replay_generation'] = tostring(generation)
+  local xadd = {'XADD', keys[2], '*'}
+  for name, value in pairs(payload) do
+    xadd[#xadd + 1] = name
+    xadd[#xadd + 1] = value
+  end
+  local entry_id = redis.call(unpack(xadd))
+  redis.call('HSET', keys[3], argv[1], entry_id)
+  redis.call('HSET', keys[4], 'state', 'queued', 'entry_id', entry_id, 'updated_at_ms', argv[2],
+    'replay_generation', generation, 'progress', 0)
+  redis.call('HDEL', keys[4], 'error_class', 'error_message', 'dlq_id', 'retry_due_ms')
+  add_event(keys[5], argv[3], {'type', 'queued', 'job_id', payload['job_id'], 'request_hash',
+    payload['request_hash'] or '', 'at_ms', argv[2], 'entry_id', entry_id,
+    'message', 'replayed from ' .. argv[1] .. ' (generation ' .. generation .. ')'})
+  return {'replayed', entry_id}
+end
+
+--[[ eventflow_purge_dead_letter
+Purpose: delete one DLQ record (an operator decided it will never be replayed) and its replay marker.
+KEYS[1] dead-letter stream   KEYS[2] replay marker hash
+ARGV[1] DLQ record id
+Reply: 1 deleted, 0 not found.
+]]
+local function purge_dead_letter(keys, argv)
+  redis.call('HDEL', keys[2], argv[1])
+  return redis.call('XDEL', keys[1], argv[1])
+end
+
 redis.register_function{function_name = 'eventflow_version', callback = version,
   flags = {'no-writes', 'allow-stale'}}
 redis.register_function('eventflow_submit_job', submit_job)
@@ -439,3 +532,6 @@ redis.register_function('eventflow_report_progress', report_progress)
 redis.register_function('eventflow_cancel_job', cancel_job)
 redis.register_function('eventflow_reap_consumer', reap_consumer)
 redis.register_function('eventflow_consumer_heartbeat', consumer_heartbeat)
+redis.register_function('eventflow_trim_stream', trim_stream)
+redis.register_function('eventflow_replay_dead_letter', replay_dead_letter)
+redis.register_function('eventflow_purge_dead_letter', purge_dead_letter)

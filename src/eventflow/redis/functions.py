@@ -279,6 +279,28 @@ class Functions:
                                  [k.job_stream, k.heartbeat(consumer), k.consumer_registry], [k.group, consumer])
         return int(reply) == 1
 
+    async def trim_stream(self, older_than_ms: int) -> tuple[int, str]:
+        """Retention: delete acked entries older than the cutoff; returns (deleted, MINID used)."""
+        k = self.keys
+        reply = await self._call("eventflow_trim_stream", [k.job_stream], [f"{max(0, older_than_ms)}-0"])
+        return int(reply[0]), _s(reply[1])
+
+    async def replay_dead_letter(self, dlq_id: str, job_id: str, request_hash: str) -> tuple[str, str]:
+        """Re-enqueue one DLQ record (same request hash); returns (outcome, detail)."""
+        k = self.keys
+        reply = await self._call(
+            "eventflow_replay_dead_letter",
+            [k.dead_letter_stream, k.job_stream, k.dlq_replayed, k.job_state(job_id or "-"), k.event_stream,
+             k.result(request_hash or "-")],
+            [dlq_id, now_ms(), self.event_cap])
+        return _s(reply[0]), _s(reply[1])
+
+    async def purge_dead_letter(self, dlq_id: str) -> bool:
+        """Delete one DLQ record; True if it existed."""
+        k = self.keys
+        return int(await self._call("eventflow_purge_dead_letter", [k.dead_letter_stream, k.dlq_replayed],
+                                    [dlq_id])) == 1
+
     async def consumer_heartbeat(self, consumer: str, ttl_ms: int, value: str) -> None:
         """Announce a live consumer: heartbeat key, registry entry, group membership."""
         k = self.keys

@@ -16,6 +16,21 @@ class TransientError(EventflowError):
     failure_class = "transient"
 
 
+#: Downstream dependencies guarded by a circuit breaker shared in Redis (see docs/operations.md).
+DEPENDENCIES = ("input_store", "output_store")
+
+
+class DependencyUnavailable(TransientError):
+    """A downstream store the job needs is unreachable (not the job's fault): counts toward its breaker."""
+
+    def __init__(self, dependency: str, message: str) -> None:
+        if dependency not in DEPENDENCIES:
+            raise ValueError(f"unknown dependency {dependency!r}; one of {DEPENDENCIES}")
+        super().__init__(message)
+        self.dependency = dependency
+        self.failure_class = f"{dependency}_unavailable"
+
+
 class PermanentError(EventflowError):
     """A failure that will fail again: bad input, unreadable raster, raster too large."""
 

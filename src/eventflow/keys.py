@@ -22,6 +22,7 @@ layout below is the whole truth about what lives in Redis (docs/contract.md mirr
 | consumer_registry         | eventflow:consumers                       | zset        |
 | reaper_heartbeat          | eventflow:reaper:heartbeat                | string+TTL  |
 | epoch                     | eventflow:epoch                           | string      |
+| breaker(dependency)       | eventflow:breaker:{dependency}            | hash        |
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class Keys:
     def event_stream(self) -> str:
         """Lifecycle events (queued, started, progress, succeeded, ...)."""
         return f"{self.prefix}:events"
+
+    def breaker(self, dependency: str) -> str:
+        """Circuit-breaker state of one downstream dependency, shared by every consumer."""
+        return f"{self.prefix}:breaker:{dependency}"
 
     @property
     def dlq_replayed(self) -> str:

@@ -27,6 +27,10 @@ class IngestMetrics:
                                  registry=registry)
 
 
+#: eventflow_circuit_breaker_state values.
+BREAKER_LEVEL = {"closed": 0, "counting": 0, "half_open": 1, "open": 2}
+
+
 class ConsumerMetrics:
     """Job outcomes, durations and the consumer heartbeat."""
 
@@ -41,6 +45,12 @@ class ConsumerMetrics:
                                registry=registry)
         self.failures = Counter("eventflow_consumer_failures_total", "Failed attempts, by failure class.",
                                 ["failure_class"], registry=registry)
+        self.breaker_state = Gauge("eventflow_circuit_breaker_state", "Circuit breaker state as this consumer last "
+                                   "saw it: 0 closed, 1 half-open, 2 open.", ["dependency"], registry=registry)
+        self.breaker_opened = Counter("eventflow_circuit_breaker_opened_total", "Times a job failure from this "
+                                      "consumer opened a dependency's breaker.", ["dependency"], registry=registry)
+        self.breaker_waits = Counter("eventflow_consumer_breaker_wait_seconds_total", "Seconds this consumer did not "
+                                     "pull work because a breaker was open.", registry=registry)
 
 
 class ReaperMetrics:
@@ -57,6 +67,9 @@ class ReaperMetrics:
                                      "Age of the oldest undelivered entry (from its id), seconds.",
                                      registry=registry)
         self.dlq_depth = Gauge("eventflow_dlq_depth", "Entries in the dead-letter stream.", registry=registry)
+        self.breaker_state = Gauge("eventflow_circuit_breaker_state", "Dependency circuit breaker: 0 closed, "
+                                   "1 half-open, 2 open (reclaims and retries are held while open).",
+                                   ["dependency"], registry=registry)
         self.consumers_alive = Gauge("eventflow_consumers_alive", "Consumers with a live heartbeat.",
                                      registry=registry)
         self.reclaimed = Counter("eventflow_reaper_reclaimed_total", "Entries handed to live consumers.",

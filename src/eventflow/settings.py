@@ -90,6 +90,14 @@ class ConsumerSettings(BaseModel):
     retry_base_ms: int = Field(default=2000, ge=1, description="First retry delay after a transient failure, ms "
                                "(doubles per delivery, with jitter).")
     retry_max_ms: int = Field(default=300_000, ge=1, description="Largest retry delay, ms.")
+    breaker_threshold: int = Field(default=5, ge=0, description="Consecutive dependency failures (input or output "
+                                   "store unreachable) within breaker_window_ms that open its circuit breaker; "
+                                   "0 disables the breakers.")
+    breaker_window_ms: int = Field(default=60_000, ge=1, description="Window for counting breaker failures, ms.")
+    breaker_open_ms: int = Field(default=30_000, ge=1, description="How long an open breaker stops every consumer "
+                                 "from pulling work before one probe job may test the dependency, ms.")
+    breaker_probe_ttl_ms: int = Field(default=120_000, ge=1, description="A probe that has not reported after this "
+                                      "long (its consumer died) lets another consumer probe, ms.")
     handlers: dict[str, str] = Field(
         default_factory=dict, description='Handler overrides as JSON {"job_type": "module:function"}.')
     failpoints: dict[str, str] = Field(
@@ -134,6 +142,15 @@ class OperatorSettings(BaseModel):
     namespace: str | None = Field(default=None, description="Namespace to watch; unset watches all.")
     liveness_url: str = Field(default="http://0.0.0.0:8080/healthz",
                               description="kopf liveness endpoint (the chart's liveness probe calls it).")
+    status_interval_s: float = Field(default=5.0, gt=0, description="How often an NdviJob's status is refreshed "
+                                     "from its Redis job state, and a running DlqReplay's progress is "
+                                     "written, seconds.")
+    redis_retry_s: float = Field(default=10.0, gt=0, description="Delay before a handler retries after Redis "
+                                 "was unreachable, seconds.")
+    redis_attempts: int = Field(default=6, ge=1, description="Attempts to reach Redis before deleting an NdviJob "
+                                "proceeds without cancelling its job (a finalizer must not block deletion "
+                                "forever) and before a DlqReplay is marked Failed. Submissions retry "
+                                "without a limit.")
 
 
 class LogSettings(BaseModel):

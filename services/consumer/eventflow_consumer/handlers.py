@@ -6,6 +6,8 @@ write outputs only under the directory they are given, and return a JSON-seriali
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from eventflow.contract import BandFileInputs, JobType, OutputOptions, StreamEntry
-from eventflow.errors import TransientError
+from eventflow.errors import DependencyUnavailable, TransientError
 from eventflow.inputs import local_path
 from eventflow.settings import NdviSettings
 
@@ -41,6 +43,18 @@ class JobContext:
 
 
 Handler = Callable[[StreamEntry, JobContext], dict[str, Any]]
+
+# Write errors that say the output store is full, read-only or broken, not that the job is bad.
+_OUTPUT_STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE, errno.ENOTCONN}
+
+
+def _check_input_store(paths: list[str], data_roots: list[Path]) -> None:
+    """A data root that is gone (unmounted volume, stale network share) is the store's outage, retried
+    behind the input-store breaker; a missing file under a healthy root stays the job's permanent error."""
+    for path in paths:
+        root = next((r for r in data_roots if Path(path).is_relative_to(r)), None)
+        if root is not None and not os.path.isdir(root):
+            raise DependencyUnavailable("input_store", f"data root {root} is not reachable")
 
 
 def run_ndvi_job(entry: StreamEntry, ctx: JobContext) -> dict[str, Any]:
@@ -70,7 +84,11 @@ def run_ndvi_job(entry: StreamEntry, ctx: JobContext) -> dict[str, Any]:
         previews=output.previews, resample=request.resample, compress=output.compress,
     )
     name = output.name
-    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    _check_input_store([red.path, nir.path, *([qa.path] if qa else [])], ctx.ndvi.data_roots)
+    try:
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DependencyUnavailable("output_store", f"output directory unavailable: {exc}") from exc
     # Each attempt writes its own file named by its fencing token, via a temporary name, so a zombie's
     # late write can never clobber the file a newer attempt committed.
     final = ctx.output_dir / f"{name}-f{ctx.fence}.tif"
@@ -84,6 +102,10 @@ def run_ndvi_job(entry: StreamEntry, ctx: JobContext) -> dict[str, Any]:
         outcome = run_ndvi(params, tmp, progress)
         ctx.check_stop()
         tmp.replace(final)
+    except OSError as exc:
+        if exc.errno in _OUTPUT_STORE_ERRNOS:
+            raise DependencyUnavailable("output_store", f"writing the output failed: {exc}") from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     data = outcome.to_dict()

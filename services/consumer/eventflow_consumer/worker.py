@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from eventflow.contract import StreamEntry, now_ms
-from eventflow.errors import LostLease, PoisonMessage
-from eventflow.metrics import ConsumerMetrics
+from eventflow.errors import DEPENDENCIES, LostLease, PoisonMessage
+from eventflow.metrics import BREAKER_LEVEL, ConsumerMetrics
 from eventflow.redis.client import check_ready, functions_for, keys_for
 from eventflow.redis.functions import NotOwner
 from eventflow.settings import EventflowSettings
@@ -68,6 +68,13 @@ class Worker:
         # Entries that failed transiently here: entry id -> delivery count at the time. They are left
         # for the reaper; picked up again only once it re-delivers them (count grows).
         self.parked: dict[str, int] = {}
+        # Circuit breakers (state in Redis, shared by all consumers): `dirty` once this consumer has seen a
+        # failure counted or a breaker not closed, so its successes are reported (they reset the count);
+        # with a clean view successes cost no round trip. A granted probe is spent on the next job started.
+        self.breaker_dirty = False
+        self.probe_armed = False
+        self.probe_entry: str | None = None
+        self.gated = False
         self.processed = 0
 
     def _ctx(self, entry_id: str, entry: StreamEntry | None = None, attempt: int | None = None) -> dict[str, Any]:
@@ -131,7 +138,10 @@ class Worker:
                 if free <= 0:
                     await asyncio.wait([stop_wait, *self.in_flight.values()], return_when=asyncio.FIRST_COMPLETED)
                     continue
-                if time.monotonic() >= next_rescan:
+                free = await self._gate(free)
+                if free <= 0:
+                    continue
+                if time.monotonic() >= next_rescan and not self.probe_armed:
                     more = await self._take_own_pending(free)
                     # Assigned entries beyond the free slots go first once a slot frees, not a period later.
                     next_rescan = 0.0 if more else time.monotonic() + self.cfg.pending_rescan_s
@@ -152,9 +162,17 @@ class Worker:
                     log.warning("read failed: %s", exc, extra={"consumer": self.name})
                     await asyncio.sleep(0.5)
                     continue
+                if reply and not self.probe_armed and not await self._may_start():
+                    # A breaker opened while this read was blocked: leave what it delivered pending here
+                    # (no delivery burnt by a doomed run); the own-pending scan starts it once it closes.
+                    next_rescan = 0.0
+                    continue
                 for _stream, entries in reply or []:
                     for entry_id, fields in entries:
                         self._spawn(entry_id, fields)
+                if self.probe_armed:  # nothing to probe with: hand the probe back at once
+                    self.probe_armed = False
+                    await self._report_dependencies("", None, "none", probe=True)
         finally:
             stop_wait.cancel()
 
@@ -185,6 +203,8 @@ class Worker:
         return False
 
     def _spawn(self, entry_id: str, fields: dict[str, str]) -> None:
+        if self.probe_armed:
+            self.probe_armed, self.probe_entry = False, entry_id
         task = asyncio.create_task(self._process(entry_id, fields), name=f"job-{entry_id}")
         self.in_flight[entry_id] = task
         self.metrics.in_flight.set(len(self.in_flight))
@@ -292,6 +312,7 @@ class Worker:
             await asyncio.shield(self._ack(entry_id, entry, token))
             label = {"committed": "succeeded", "exists": "duplicate"}.get(outcome, outcome)
             self.metrics.jobs.labels(outcome=label).inc()
+            await self._report_dependencies(entry_id, None, "ok")
             self.metrics.duration.observe(time.perf_counter() - started)
             if outcome == "exists":
                 log.warning("another attempt already committed this request; nothing written", extra=ctx_log)
@@ -299,6 +320,11 @@ class Worker:
                 log.info("job %s in %.3fs", label, time.perf_counter() - started, extra=ctx_log)
         except JobFailed as exc:
             self.metrics.failures.labels(failure_class=exc.failure_class).inc()
+            dependency = exc.failure_class.removesuffix("_unavailable")
+            if dependency in DEPENDENCIES:
+                await self._report_dependencies(entry_id, dependency, "fail", str(exc))
+            else:  # a permanent failure means the stores answered; a transient one proves nothing
+                await self._report_dependencies(entry_id, None, "ok" if exc.permanent else "none")
             if exc.permanent:
                 log.error("job failed permanently (%s): %s", exc.failure_class, exc, extra=ctx_log)
                 await f.dead_letter(entry_id, job_id=entry.job_id, request_hash=entry.request_hash,
@@ -308,6 +334,7 @@ class Worker:
                 await self._retry_later(entry_id, entry, exc.failure_class, str(exc), event, ctx_log)
         except (LostLease, Stopped) as exc:
             log.warning("job stopped without writing: %s", exc, extra=ctx_log)
+            await self._report_dependencies(entry_id, None, "none")
             await self._park(entry_id)
         except asyncio.CancelledError:
             stop.set()
@@ -321,6 +348,81 @@ class Worker:
             self.stops.pop(entry_id, None)
             with contextlib.suppress(RedisError):
                 await asyncio.shield(f.release_lease(entry.request_hash, token))
+
+    async def _gate(self, free: int) -> int:
+        """How many jobs may start now: `free` (breakers closed), 1 (a probe), or 0 after waiting (open)."""
+        if self.cfg.breaker_threshold == 0:
+            return free
+        try:
+            d = await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
+        except RedisError:
+            return free  # the read that follows fails the same way and is handled there
+        for dependency, state in d.states.items():
+            self.metrics.breaker_state.labels(dependency).set(BREAKER_LEVEL.get(state, 0))
+        if any(state != "closed" for state in d.states.values()):
+            self.breaker_dirty = True
+        if d.decision == "go":
+            if self.gated:
+                log.info("circuit breakers closed: pulling work again", extra={"consumer": self.name})
+                self.gated = False
+            return free
+        if d.decision == "probe" and self.probe_entry is None:
+            log.warning("circuit breaker half-open: one probe job tests %s", d.states, extra={"consumer": self.name})
+            self.probe_armed = True
+            return 1
+        wait_ms = d.wait_ms
+        if d.decision == "probe":  # our probe job is still running: nothing else starts meanwhile
+            wait_ms = 200
+        elif not self.gated:
+            log.warning("circuit breaker open (%s): not pulling work; next check in %.1fs", d.states,
+                        d.wait_ms / 1000, extra={"consumer": self.name})
+            self.gated = True
+        seconds = min(wait_ms / 1000, 1.0)
+        await _wait_or_timeout(self.stopping, seconds)
+        self.metrics.breaker_waits.inc(seconds)
+        return 0
+
+    async def _may_start(self) -> bool:
+        """After a read: True if the breakers still let work start."""
+        if self.cfg.breaker_threshold == 0:
+            return True
+        try:
+            d = await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
+        except RedisError:
+            return True
+        return d.decision == "go"
+
+    async def _report_dependencies(self, entry_id: str, failed: str | None, verdict: str, message: str = "",
+                                   probe: bool = False) -> None:
+        """Tell the shared breakers what a job saw: `failed` names the dependency that failed it; otherwise
+        `verdict` is 'ok' (the stores answered) or 'none' (the job proves nothing either way)."""
+        if self.cfg.breaker_threshold == 0:
+            return
+        if entry_id and entry_id == self.probe_entry:
+            probe, self.probe_entry = True, None
+        if failed is None and not probe and (verdict == "none" or not self.breaker_dirty):
+            return
+        clean = True
+        for dependency in DEPENDENCIES:
+            outcome = verdict if failed is None else "fail" if dependency == failed else "none" if probe else ""
+            if not outcome:
+                continue
+            try:
+                state, changed = await self.functions.breaker_record(
+                    dependency, outcome, consumer=self.name, threshold=self.cfg.breaker_threshold,
+                    window_ms=self.cfg.breaker_window_ms, open_ms=self.cfg.breaker_open_ms, message=message)
+            except RedisError as exc:
+                log.warning("breaker report failed: %s", exc, extra={"consumer": self.name})
+                return
+            clean &= state == "closed"
+            self.metrics.breaker_state.labels(dependency).set(BREAKER_LEVEL.get(state, 0))
+            if changed and state == "open":
+                self.metrics.breaker_opened.labels(dependency).inc()
+                log.error("circuit breaker for %s opened: %s", dependency, message,
+                          extra={"consumer": self.name, "entry_id": entry_id})
+            elif changed:
+                log.info("circuit breaker for %s is %s", dependency, state, extra={"consumer": self.name})
+        self.breaker_dirty = not clean or failed is not None
 
     async def _retry_later(self, entry_id: str, entry: StreamEntry, failure_class: str, message: str,
                            event: dict[str, str], ctx_log: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from eventflow.contract import now_ms
-from eventflow.metrics import ReaperMetrics
+from eventflow.errors import DEPENDENCIES
+from eventflow.metrics import BREAKER_LEVEL, ReaperMetrics
 from eventflow.redis.client import check_ready, functions_for, keys_for
 from eventflow.settings import EventflowSettings
 
@@ -38,6 +39,7 @@ class CycleReport:
     lost: int = 0
     consumers_removed: int = 0
     trimmed: int = 0
+    held: int = 0
 
 
 class Reaper:
@@ -72,6 +74,11 @@ class Reaper:
         due = await self.redis.zrangebyscore(k.retry_schedule, "-inf", now_ms(), start=0, num=self.cfg.claim_batch)
         candidates = {row["message_id"]: False for row in idle}
         candidates.update(dict.fromkeys(due, True))
+        if await self._breakers_open():
+            # Consumers pull nothing while a dependency's breaker is open; reclaiming or re-injecting now
+            # would only burn deliveries toward the DLQ ceiling for work that never ran. Hold it.
+            report.held = len(candidates)
+            candidates = {}
         hashes = await self._request_hashes(list(candidates))
         for entry_id, is_due in candidates.items():
             target = random.choice(live) if live else ""
@@ -107,6 +114,19 @@ class Reaper:
         self.metrics.heartbeat.set(now)
         await self.redis.set(k.reaper_heartbeat, str(now), px=int(self.cfg.interval_s * 3000) + 1000)
         return report
+
+    async def _breakers_open(self) -> bool:
+        """Export each dependency's breaker state; True if any is open (its cool-down not over)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for dependency in DEPENDENCIES:
+                pipe.hmget(self.keys.breaker(dependency), "state", "open_until")
+            rows = await pipe.execute()
+        now, any_open = now_ms(), False
+        for dependency, (state, open_until) in zip(DEPENDENCIES, rows, strict=True):
+            is_open = state == "open" and int(open_until or 0) > now
+            any_open |= is_open
+            self.metrics.breaker_state.labels(dependency).set(BREAKER_LEVEL.get(state or "closed", 0))
+        return any_open
 
     async def _request_hashes(self, entry_ids: list[str]) -> dict[str, str]:
         """Request hash of each entry (to check its lease), read in one round trip."""

@@ -12,7 +12,7 @@ Names are global across libraries, so each starts with eventflow_. A change to K
 function means a new name; a change of behaviour means a new LIBRARY_VERSION.
 ]]
 
-local LIBRARY_VERSION = '3'
+local LIBRARY_VERSION = '4'
 
 -- Append a lifecycle event (flat field list) to the event stream, approximately capped.
 -- The event stream is a notification log, not work: capping it loses no job.
@@ -516,6 +516,104 @@ local function purge_dead_letter(keys, argv)
   return redis.call('XDEL', keys[1], argv[1])
 end
 
+--[[ eventflow_breaker_allow
+Purpose: may the caller start new work that needs these dependencies? One circuit breaker per
+  dependency, shared by all consumers. closed: go. open: wait until its cool-down ends; then it turns
+  half_open and exactly one caller gets a probe (one job); everyone else waits until the probe reports
+  (eventflow_breaker_record) or its probe TTL passes (its consumer died), when another caller may probe.
+KEYS[1..n] breaker hashes
+ARGV[1] now (ms)   ARGV[2] caller (consumer name)   ARGV[3] probe TTL (ms)
+Reply: {decision, wait_ms, state_1, ..., state_n}; decision 'go' | 'probe' | 'wait'; a state is closed,
+  counting (closed, failures being counted: report successes so they reset), half_open or open.
+]]
+local function breaker_allow(keys, argv)
+  local now, caller, probe_ttl = tonumber(argv[1]), argv[2], tonumber(argv[3])
+  local states = {}
+  local wait_ms, probe_needed = 0, false
+  for i, key in ipairs(keys) do
+    local b = redis.call('HMGET', key, 'state', 'open_until', 'probe_until', 'failures', 'probe')
+    local state = b[1] or 'closed'
+    if state == 'closed' and b[4] and tonumber(b[4]) > 0 then state = 'counting' end
+    if state == 'open' then
+      local left = tonumber(b[2]) - now
+      if left > 0 then
+        wait_ms = math.max(wait_ms, left)
+      else
+        state = 'half_open'
+        probe_needed = true
+      end
+    elseif state == 'half_open' then
+      local left = tonumber(b[3] or '0') - now
+      if left <= 0 or b[5] == caller then
+        probe_needed = true  -- expired probe, or the caller's own (asking again is not a second probe)
+      else
+        wait_ms = math.max(wait_ms, math.min(left, 1000))
+      end
+    end
+    states[i] = state
+  end
+  local reply = {}
+  if wait_ms > 0 then
+    reply = {'wait', wait_ms}
+  elseif probe_needed then
+    for i, key in ipairs(keys) do
+      if states[i] == 'half_open' then
+        redis.call('HSET', key, 'state', 'half_open', 'probe', caller, 'probe_until', now + probe_ttl)
+      end
+    end
+    reply = {'probe', 0}
+  else
+    reply = {'go', 0}
+  end
+  for i = 1, #keys do reply[#reply + 1] = states[i] end
+  return reply
+end
+
+--[[ eventflow_breaker_record
+Purpose: report what a job saw of one dependency. 'fail' in closed counts toward the threshold within
+  the window (a 'ok' resets the count: the breaker opens on consecutive failures); reaching it opens the
+  breaker for the cool-down. 'fail' while half_open re-opens it; 'ok' closes it. 'none' (the probe job
+  never reached the dependency, e.g. it was cancelled) hands the probe back.
+KEYS[1] breaker hash
+ARGV[1] now (ms)   ARGV[2] outcome ok|fail|none   ARGV[3] threshold   ARGV[4] window (ms)
+ARGV[5] open cool-down (ms)   ARGV[6] caller   ARGV[7] failure message
+Reply: {state, changed} changed 1 when this call moved the breaker to another state.
+]]
+local function breaker_record(keys, argv)
+  local now, outcome = tonumber(argv[1]), argv[2]
+  local threshold, window, open_ms = tonumber(argv[3]), tonumber(argv[4]), tonumber(argv[5])
+  local b = redis.call('HMGET', keys[1], 'state', 'failures', 'window_start', 'probe')
+  local state = b[1] or 'closed'
+  if outcome == 'none' then
+    if state == 'half_open' and b[4] == argv[6] then redis.call('HSET', keys[1], 'probe_until', 0) end
+    return {state, 0}
+  end
+  if outcome == 'ok' then
+    if state == 'closed' and not b[2] then return {'closed', 0} end
+    if state == 'open' then return {'open', 0} end  -- a job that started before the trip: not a probe
+    redis.call('DEL', keys[1])
+    return {'closed', state == 'closed' and 0 or 1}
+  end
+  redis.call('HSET', keys[1], 'last_failure', argv[7], 'last_failure_ms', now)
+  if state == 'half_open' or state == 'open' then
+    redis.call('HSET', keys[1], 'state', 'open', 'open_until', now + open_ms, 'failures', 0)
+    redis.call('HDEL', keys[1], 'probe', 'probe_until')
+    return {'open', state == 'open' and 0 or 1}
+  end
+  local failures = tonumber(b[2] or '0')
+  if not b[3] or now - tonumber(b[3]) > window then
+    failures = 0
+    redis.call('HSET', keys[1], 'window_start', now)
+  end
+  failures = failures + 1
+  if failures >= threshold then
+    redis.call('HSET', keys[1], 'state', 'open', 'open_until', now + open_ms, 'opened_ms', now, 'failures', 0)
+    return {'open', 1}
+  end
+  redis.call('HSET', keys[1], 'failures', failures)
+  return {'closed', 0}
+end
+
 redis.register_function{function_name = 'eventflow_version', callback = version,
   flags = {'no-writes', 'allow-stale'}}
 redis.register_function('eventflow_submit_job', submit_job)
@@ -535,3 +633,5 @@ redis.register_function('eventflow_consumer_heartbeat', consumer_heartbeat)
 redis.register_function('eventflow_trim_stream', trim_stream)
 redis.register_function('eventflow_replay_dead_letter', replay_dead_letter)
 redis.register_function('eventflow_purge_dead_letter', purge_dead_letter)
+redis.register_function('eventflow_breaker_allow', breaker_allow)
+redis.register_function('eventflow_breaker_record', breaker_record)

@@ -307,6 +307,31 @@ class Functions:
         await self._call("eventflow_consumer_heartbeat", [k.heartbeat(consumer), k.consumer_registry, k.job_stream],
                          [k.group, consumer, ttl_ms, now_ms(), value])
 
+    async def breaker_allow(self, dependencies: tuple[str, ...], consumer: str,
+                            probe_ttl_ms: int) -> BreakerDecision:
+        """May this consumer start new work? ('go', 'probe' for exactly one job, or 'wait')."""
+        reply = await self._call("eventflow_breaker_allow", [self.keys.breaker(d) for d in dependencies],
+                                 [now_ms(), consumer, probe_ttl_ms])
+        decision, wait_ms, *states = (_s(v) for v in reply)
+        return BreakerDecision(decision, int(wait_ms), dict(zip(dependencies, states, strict=True)))
+
+    async def breaker_record(self, dependency: str, outcome: str, *, consumer: str, threshold: int,
+                             window_ms: int, open_ms: int, message: str = "") -> tuple[str, bool]:
+        """Report a job's outcome for one dependency ('ok', 'fail', 'none'); returns (state, changed)."""
+        state, changed = await self._call("eventflow_breaker_record", [self.keys.breaker(dependency)],
+                                          [now_ms(), outcome, threshold, window_ms, open_ms, consumer,
+                                           message[:500]])
+        return _s(state), bool(int(changed))
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerDecision:
+    """eventflow_breaker_allow's answer: what to do, how long to wait, each dependency's state."""
+
+    decision: str
+    wait_ms: int
+    states: dict[str, str]
+
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

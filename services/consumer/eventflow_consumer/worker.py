@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 from eventflow.contract import StreamEntry, now_ms
 from eventflow.errors import DEPENDENCIES, LostLease, PoisonMessage
 from eventflow.metrics import BREAKER_LEVEL, ConsumerMetrics
-from eventflow.redis.client import check_ready, functions_for, keys_for
+from eventflow.redis.client import EXIT_WIPED, check_ready, epoch_problem, functions_for, keys_for
 from eventflow.redis.functions import NotOwner
 from eventflow.settings import EventflowSettings
 from eventflow_consumer.execution import JobFailed, JobSpec, run_in_process, run_in_thread
@@ -76,6 +76,8 @@ class Worker:
         self.probe_entry: str | None = None
         self.gated = False
         self.processed = 0
+        self.epoch = ""
+        self.exit_code = 0
 
     def _ctx(self, entry_id: str, entry: StreamEntry | None = None, attempt: int | None = None) -> dict[str, Any]:
         extra: dict[str, Any] = {"entry_id": entry_id, "consumer": self.name}
@@ -84,6 +86,15 @@ class Worker:
         if attempt is not None:
             extra["attempt"] = attempt
         return extra
+
+    def _abandon(self, reason: str) -> None:
+        """Redis is not the data set this consumer started on: stop every job without writing, exit 3."""
+        if self.exit_code != EXIT_WIPED:
+            log.error("not ready: %s; stopping in-flight jobs without writing", reason, extra={"consumer": self.name})
+        self.exit_code = EXIT_WIPED
+        for event in self.stops.values():
+            event.set()
+        self.stop()
 
     def stop(self) -> None:
         """Stop pulling new work; in-flight jobs drain (called from the SIGTERM handler)."""
@@ -98,7 +109,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        await check_ready(self.redis, self.keys)
+        self.epoch = await check_ready(self.redis, self.keys)
         await self._heartbeat_once()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         log.info("consumer started", extra={"consumer": self.name})
@@ -114,9 +125,12 @@ class Worker:
                 await self.redis.delete(self.keys.heartbeat(self.name))
             self.pool.shutdown(wait=False, cancel_futures=True)
             log.info("consumer stopped after %d job(s)", self.processed, extra={"consumer": self.name})
-        return 0
+        return self.exit_code
 
     async def _heartbeat_once(self) -> None:
+        if self.epoch and (problem := await epoch_problem(self.redis, self.keys, self.epoch)):
+            self._abandon(problem)
+            return
         value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()})
         await self.functions.consumer_heartbeat(self.name, self.cfg.heartbeat_ttl_ms, value)
         self.metrics.heartbeat.set(time.time())

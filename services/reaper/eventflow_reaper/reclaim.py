@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from eventflow.contract import now_ms
 from eventflow.errors import DEPENDENCIES
 from eventflow.metrics import BREAKER_LEVEL, ReaperMetrics
-from eventflow.redis.client import check_ready, functions_for, keys_for
+from eventflow.redis.client import EXIT_WIPED, check_ready, epoch_problem, functions_for, keys_for
 from eventflow.settings import EventflowSettings
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,13 @@ class Reaper:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
-        await check_ready(self.redis, self.keys)
+        epoch = await check_ready(self.redis, self.keys)
         log.info("reaper started")
         while not self.stopping.is_set():
             try:
+                if problem := await epoch_problem(self.redis, self.keys, epoch):
+                    log.error("not ready: %s; exiting without touching the group", problem)
+                    return EXIT_WIPED
                 report = await self.cycle()
                 if any(vars(report).values()):
                     log.info("cycle: %s", report)

@@ -115,5 +115,35 @@ async def check_ready(redis: Redis, keys: Keys) -> str:
     return str(epoch)
 
 
-__all__ = ["LIBRARY_NAME", "ServerFacts", "bootstrap", "check_ready", "connect", "functions_for", "keys_for",
-           "library_version", "server_facts"]
+#: Exit code of a consumer or reaper that found Redis wiped or replaced under it: not ready, restart me.
+EXIT_WIPED = 3
+
+
+async def epoch_problem(redis: Redis, keys: Keys, expected: str) -> str | None:
+    """Why the data set under a running service is no longer the one it started on, or None.
+
+    A missing epoch means Redis was wiped (e.g. restarted without persistence); another epoch means it
+    was re-bootstrapped or restored. Either way the service must not carry on (recreating the group would
+    silently forget every pending entry): it exits EXIT_WIPED and refuses to start until bootstrapped.
+    """
+    found = await redis.get(keys.epoch)
+    if found is None:
+        return f"{keys.epoch} disappeared: Redis was wiped; run `eventflow bootstrap` after restoring data"
+    if str(found) != expected:
+        return f"{keys.epoch} changed from {expected} to {found}: Redis was re-bootstrapped or restored"
+    return None
+
+
+__all__ = [
+    "EXIT_WIPED",
+    "LIBRARY_NAME",
+    "ServerFacts",
+    "bootstrap",
+    "check_ready",
+    "connect",
+    "epoch_problem",
+    "functions_for",
+    "keys_for",
+    "library_version",
+    "server_facts",
+]

@@ -124,6 +124,10 @@ async def test_commit_is_once_only(functions: Functions, redis: Redis, keys: Key
     assert await functions.commit_result("h1", "j1", "a", fence, '{"n":2}', {}) == "exists"
     assert await redis.hget(keys.result("h1"), "json") == '{"n":1}'
     assert await redis.hget(keys.job_state("j1"), "state") == "succeeded"
+    await functions.release_lease("h1", "a")
+    # A later delivery of the same request learns at lease time that there is nothing to run.
+    assert await functions.acquire_lease("h1", "j1", "b", 10_000, {}) == -2
+    assert not await redis.exists(keys.lease("h1"))
 
 
 async def test_ack_checks_owner_and_lease(functions: Functions, redis: Redis, keys: Keys) -> None:
@@ -138,7 +142,9 @@ async def test_ack_checks_owner_and_lease(functions: Functions, redis: Redis, ke
     assert fence >= 1
     with pytest.raises(LostLease):
         await functions.ack_entry(sub.entry_id, "new", "h1", "other-token")
+    assert await redis.get(keys.lease("h1")) == "tok"
     assert await functions.ack_entry(sub.entry_id, "new", "h1", "tok")
+    assert not await redis.exists(keys.lease("h1"))  # the owner's ack released the lease with it
     assert not await functions.ack_entry(sub.entry_id, "new", "h1", "tok")
 
 

@@ -251,15 +251,15 @@ class Worker:
                                 failure_class=exc.failure_class, message=str(exc))
             self.metrics.jobs.labels(outcome="dead_lettered").inc()
             return
-        if await self.redis.exists(self.keys.result(entry.request_hash)):
-            # Committed by an earlier delivery (e.g. killed between commit and ack): ack, don't re-run.
-            await self._ack(entry_id, entry, None)
-            log.info("result already committed; acked without re-running", extra=self._ctx(entry_id, entry))
-            return
         token = uuid.uuid4().hex
         event = {"job_id": entry.job_id, "request_hash": entry.request_hash, "entry_id": entry_id,
                  "consumer": self.name, "trace_id": entry.trace_id}
         fence = await f.acquire_lease(entry.request_hash, entry.job_id, token, self.cfg.lease_ttl_ms, event)
+        if fence == -2:
+            # Committed by an earlier delivery (e.g. killed between commit and ack): ack, don't re-run.
+            await self._ack(entry_id, entry, None)
+            log.info("result already committed; acked without re-running", extra=self._ctx(entry_id, entry))
+            return
         if fence == -1:
             await self._ack(entry_id, entry, None)
             self.metrics.jobs.labels(outcome="cancelled").inc()
@@ -297,6 +297,7 @@ class Worker:
         finished = asyncio.Event()
         renew = asyncio.create_task(self._renew(entry_id, entry, token, stop, lost, finished))
         started = time.perf_counter()
+        released = False
         try:
             await self._failpoint("before_execute")
             spec = JobSpec(fields=fields, handler_ref=self.cfg.handlers.get(entry.job_type.value),
@@ -323,7 +324,7 @@ class Worker:
             outcome = await asyncio.shield(f.commit_result(
                 entry.request_hash, entry.job_id, token, fence, json.dumps(result), event))
             await self._failpoint("after_commit")
-            await asyncio.shield(self._ack(entry_id, entry, token))
+            released = await asyncio.shield(self._ack(entry_id, entry, token))  # an ack with a token releases
             label = {"committed": "succeeded", "exists": "duplicate"}.get(outcome, outcome)
             self.metrics.jobs.labels(outcome=label).inc()
             await self._report_dependencies(entry_id, None, "ok")
@@ -360,8 +361,9 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await renew
             self.stops.pop(entry_id, None)
-            with contextlib.suppress(RedisError):
-                await asyncio.shield(f.release_lease(entry.request_hash, token))
+            if not released:
+                with contextlib.suppress(RedisError):
+                    await asyncio.shield(f.release_lease(entry.request_hash, token))
 
     async def _gate(self, free: int) -> int:
         """How many jobs may start now: `free` (breakers closed), 1 (a probe), or 0 after waiting (open)."""
@@ -496,12 +498,15 @@ class Worker:
             if state == "cancelled":
                 stop.set()
 
-    async def _ack(self, entry_id: str, entry: StreamEntry, token: str | None) -> None:
+    async def _ack(self, entry_id: str, entry: StreamEntry, token: str | None) -> bool:
+        """Owner-checked ack; True if acked (and, with a token, the lease released with it)."""
+        acked = False
         try:
-            await self.functions.ack_entry(entry_id, self.name, entry.request_hash if token else None, token)
+            acked = await self.functions.ack_entry(entry_id, self.name, entry.request_hash if token else None, token)
         except NotOwner as exc:
             log.warning("ack refused, entry now owned elsewhere: %s", exc, extra=self._ctx(entry_id, entry))
         self.parked.pop(entry_id, None)
+        return acked
 
     async def _drain(self) -> None:
         if not self.in_flight:

@@ -12,7 +12,7 @@ Names are global across libraries, so each starts with eventflow_. A change to K
 function means a new name; a change of behaviour means a new LIBRARY_VERSION.
 ]]
 
-local LIBRARY_VERSION = '4'
+local LIBRARY_VERSION = '5'
 
 -- Append a lifecycle event (flat field list) to the event stream, approximately capped.
 -- The event stream is a notification log, not work: capping it loses no job.
@@ -126,13 +126,17 @@ end
 
 --[[ eventflow_acquire_lease
 Purpose: start an attempt. Take the lease (SET NX PX with the caller's random token), take a fencing
-  token (INCR), mark the job running and append a `started` event. Refuses a cancelled job.
-KEYS[1] lease key   KEYS[2] fencing counter   KEYS[3] job state hash   KEYS[4] event stream
+  token (INCR), mark the job running and append a `started` event. Refuses a cancelled job, and one
+  whose request already has a committed result (an earlier delivery committed, then died before its
+  ack): checking here rather than with a separate EXISTS saves a round trip per job.
+KEYS[1] lease key   KEYS[2] fencing counter   KEYS[3] job state hash   KEYS[4] event stream   KEYS[5] result
 ARGV[1] lease token   ARGV[2] lease TTL (ms)   ARGV[3] now (ms)   ARGV[4] event stream cap
 ARGV[5..] extra `started` event fields (flat list)
-Reply: fencing token (>= 1) on success; 0 if another worker holds the lease; -1 if the job is cancelled.
+Reply: fencing token (>= 1) on success; 0 if another worker holds the lease; -1 if the job is cancelled;
+  -2 if the result is already committed.
 ]]
 local function acquire_lease(keys, argv)
+  if redis.call('EXISTS', keys[5]) == 1 then return -2 end
   if redis.call('HGET', keys[3], 'state') == 'cancelled' then return -1 end
   if not redis.call('SET', keys[1], argv[1], 'NX', 'PX', argv[2]) then return 0 end
   local fence = redis.call('INCR', keys[2])
@@ -200,8 +204,9 @@ end
 
 --[[ eventflow_ack_entry
 Purpose: the only XACK. Acks an entry only if it is still pending for the calling consumer and, when a
-  lease token is given, that token still holds the lease. A raw XACK from a zombie would silently drop
-  the new owner's in-flight entry (facts #5).
+  lease token is given, that token still holds the lease, which the ack then releases (saves the
+  separate release round trip). A raw XACK from a zombie would silently drop the new owner's in-flight
+  entry (facts #5).
 KEYS[1] job stream   KEYS[2] lease key (ignored when ARGV[4] is "")
 ARGV[1] group   ARGV[2] entry id   ARGV[3] consumer name   ARGV[4] lease token or ""
 Reply: 1 acked, 0 not pending (already acked).
@@ -211,8 +216,11 @@ local function ack_entry(keys, argv)
   local p = pending_of(keys[1], argv[1], argv[2])
   if not p then return 0 end
   if p[2] ~= argv[3] then return redis.error_reply('NOTOWNER ' .. p[2]) end
-  if argv[4] ~= '' and redis.call('GET', keys[2]) ~= argv[4] then
-    return redis.error_reply('LEASELOST lease token is not current')
+  if argv[4] ~= '' then
+    if redis.call('GET', keys[2]) ~= argv[4] then
+      return redis.error_reply('LEASELOST lease token is not current')
+    end
+    redis.call('DEL', keys[2])
   end
   return redis.call('XACK', keys[1], argv[1], argv[2])
 end

@@ -147,11 +147,13 @@ class Functions:
     async def acquire_lease(
         self, request_hash: str, job_id: str, token: str, ttl_ms: int, event_fields: dict[str, str]
     ) -> int:
-        """Take the lease: fencing token >= 1, 0 if held by another worker, -1 if the job is cancelled."""
+        """Take the lease: fencing token >= 1, 0 if held by another worker, -1 if the job is cancelled,
+        -2 if its result is already committed."""
         k = self.keys
         reply = await self._call(
             "eventflow_acquire_lease",
-            [k.lease(request_hash), k.fence(request_hash), k.job_state(job_id), k.event_stream],
+            [k.lease(request_hash), k.fence(request_hash), k.job_state(job_id), k.event_stream,
+             k.result(request_hash)],
             [token, ttl_ms, now_ms(), self.event_cap, *_flat(event_fields)],
         )
         return int(reply)
@@ -186,7 +188,8 @@ class Functions:
         return _s(reply)
 
     async def ack_entry(self, entry_id: str, consumer: str, request_hash: str | None, token: str | None) -> bool:
-        """Owner-checked ack; True if acked, False if it was no longer pending."""
+        """Owner-checked ack (releasing the lease when a token is given); True if acked, False if it was no
+        longer pending."""
         k = self.keys
         lease_key = k.lease(request_hash) if request_hash else k.job_stream
         try:

@@ -49,7 +49,11 @@ class Sensor(StrEnum):
     modis = "modis"  #: MODIS surface reflectance: b01/b02, DN / 10000
 
 
+#: Reflectance offset of Sentinel-2 products from processing baseline 04.00 on: -1000 DN at scale 1e-4.
+S2_BASELINE_OFFSET = -0.1
+
 #: (red band, NIR band, scale, offset) per sensor, for one multiband file laid out in band order.
+#: Sentinel-2's offset is not a constant (see S2_BASELINE_OFFSET and NdviJobRequest.processing_baseline).
 SENSOR_PRESETS: dict[Sensor, tuple[int, int, float, float]] = {
     Sensor.sentinel2: (4, 8, 1e-4, 0.0),
     Sensor.landsat8: (4, 5, 2.75e-5, -0.2),
@@ -117,6 +121,11 @@ class NdviJobRequest(_Strict):
     sensor: Sensor | None = None
     scale: float | None = Field(default=None, description="Reflectance = DN * scale + offset.")
     offset: float | None = Field(default=None, description="Additive offset applied after scale.")
+    processing_baseline: str | None = Field(
+        default=None, pattern=r"^\d{2}\.\d{2}$",
+        description="Sentinel-2 processing baseline (e.g. 05.10, from the product name's N0510): from 04.00 "
+        "on, DN carry a +1000 offset, so reflectance = (DN - 1000) / 10000. Without it the file's declared "
+        "offset or baseline tag is used, else no offset (with a warning in the result).")
     nodata: float | None = Field(default=None, description="Input nodata override.")
     fields: dict[str, Any] | None = Field(default=None, description="GeoJSON FeatureCollection.")
     output: OutputOptions | None = None
@@ -150,6 +159,12 @@ class NdviJobRequest(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _baseline_is_sentinel2(self) -> NdviJobRequest:
+        if self.processing_baseline is not None and self.sensor is not Sensor.sentinel2:
+            raise ValueError("processing_baseline applies only to sensor sentinel2")
+        return self
+
+    @model_validator(mode="after")
     def _bands_known(self) -> NdviJobRequest:
         if isinstance(self.inputs, MultibandInputs) and self.sensor is None:
             if self.inputs.red_band is None or self.inputs.nir_band is None:
@@ -167,7 +182,13 @@ class NdviJobRequest(_Strict):
                 data["inputs"].setdefault("red_band", red)
                 data["inputs"].setdefault("nir_band", nir)
             data.setdefault("scale", scale)
-            data.setdefault("offset", offset)
+            if self.sensor is Sensor.sentinel2:
+                # The offset depends on the processing baseline, not on the sensor: known from the request,
+                # else left to the engine (file-declared offset or baseline tag), never a guessed constant.
+                if self.processing_baseline is not None and "offset" not in data:
+                    data["offset"] = S2_BASELINE_OFFSET if self.processing_baseline >= "04.00" else 0.0
+            else:
+                data.setdefault("offset", offset)
         return data
 
     def hrefs(self) -> list[tuple[str, str]]:

@@ -359,3 +359,49 @@ def test_sample_dir_holds_the_sentinel2_sample() -> None:
     names = {path.name for path in sample_dir().iterdir()}
     assert {"T33UUU_20170216T102101_B04.jp2", "T33UUU_20170216T102101_B08.jp2", "s2l1c_ref.gpkg"} <= names
     assert "PROVENANCE.md" in names
+
+
+def _tagged(path: Path, **tags: str) -> Path:
+    tif = write_tif(path, [[[1400]], [[5000]]], "uint16")
+    with rasterio.open(tif, "r+") as dst:
+        dst.update_tags(**tags)
+    return tif
+
+
+@pytest.mark.parametrize(("tags", "expected", "source"), [
+    ({"PROCESSING_BASELINE": "05.09"}, 0.818, "processing baseline 05.09"),
+    ({"PROCESSING_BASELINE": "02.04"}, 0.5625, "processing baseline 02.04"),
+    ({"BOA_ADD_OFFSET_B4": "-1000", "BOA_ADD_OFFSET_B8": "-1000"}, 0.818, "-1000 DN"),
+])
+def test_sentinel2_offset_from_the_file_metadata(tmp_path: Path, tags: dict[str, str], expected: float,
+                                                 source: str) -> None:
+    tif = _tagged(tmp_path / "in.tif", **tags)
+    outcome, written = run(tmp_path, _params(tif, 1, tif, 2, scale=1e-4, sensor="sentinel2"))
+    assert written[0, 0] == pytest.approx(expected, abs=1e-3)
+    assert source in outcome.offset_source
+    assert not outcome.warnings
+
+
+def test_sentinel2_unknown_baseline_applies_no_offset_and_says_so(tmp_path: Path) -> None:
+    tif = _tagged(tmp_path / "in.tif")
+    outcome, written = run(tmp_path, _params(tif, 1, tif, 2, scale=1e-4, sensor="sentinel2"))
+    assert written[0, 0] == pytest.approx(0.5625, abs=1e-4)
+    assert outcome.applied_offset == 0.0
+    assert outcome.warnings and "processing baseline unknown" in outcome.warnings[0]
+    with rasterio.open(outcome.output_path) as src:
+        assert "unknown" in src.tags()["EVENTFLOW_OFFSET_SOURCE"]
+
+
+def test_sentinel2_request_baseline_sets_the_offset() -> None:
+    from eventflow.contract import NdviJobRequest
+
+    base = {"farm_id": "f", "sensor": "sentinel2", "inputs": {"href": "file:///d/s2.tif"}}
+    new = NdviJobRequest.model_validate({**base, "processing_baseline": "05.10"}).normalized()
+    old = NdviJobRequest.model_validate({**base, "processing_baseline": "03.01"}).normalized()
+    unknown = NdviJobRequest.model_validate(base).normalized()
+    assert (new["offset"], old["offset"], new["scale"]) == (-0.1, 0.0, 1e-4)
+    assert "offset" not in unknown  # left to the file's metadata, never a guessed constant
+    with pytest.raises(ValueError, match="processing_baseline"):
+        NdviJobRequest.model_validate({**base, "sensor": "landsat8", "processing_baseline": "05.10"})
+    with pytest.raises(ValueError, match="processing_baseline"):
+        NdviJobRequest.model_validate({**base, "processing_baseline": "5.1"})

@@ -147,6 +147,10 @@ class NdviOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     #: The tags written into the output.
     tags: dict[str, str] = field(default_factory=dict)
+    #: Where applied_offset came from: request, file, a Sentinel-2 baseline tag, default (0), none (unknown).
+    offset_source: str = "request"
+    #: Things the user should know about the result (e.g. an assumed Sentinel-2 baseline).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the outcome as a JSON-serialisable dict."""
@@ -158,6 +162,8 @@ class NdviOutcome:
             "stats": self.stats.to_dict(),
             "applied_scale": self.applied_scale,
             "applied_offset": self.applied_offset,
+            "offset_source": self.offset_source,
+            "warnings": self.warnings,
             "fields": self.fields,
             "previews": self.previews,
             "timings": self.timings,
@@ -209,9 +215,29 @@ def _declared(values: tuple[float, ...], band: int, default: float) -> float:
     return default if value is None or math.isnan(value) else float(value)
 
 
-def _resolve_radiometry(params: NdviParams, red: DatasetReader, nir: DatasetReader) -> tuple[float, float]:
-    """Pick the scale and offset applied to both bands; refuse ambiguous file declarations."""
+def _s2_offset_from_tags(datasets: tuple[DatasetReader, ...], scale: float) -> tuple[float | None, str]:
+    """A Sentinel-2 offset from file metadata: a PROCESSING_BASELINE tag or BOA/RADIO_ADD_OFFSET (in DN)."""
+    for dataset in datasets:
+        tags = {key.upper(): value.strip() for key, value in dataset.tags().items()}
+        for key, value in tags.items():
+            if key.endswith("PROCESSING_BASELINE"):
+                dn = -1000.0 if value >= "04.00" else 0.0
+                return dn * scale, f"Sentinel-2 processing baseline {value} (file tag {key})"
+        offsets = {value for key, value in tags.items() if "ADD_OFFSET" in key}
+        if len(offsets) == 1:
+            dn = float(offsets.pop())
+            return dn * scale, f"Sentinel-2 offset {dn:g} DN (file tag)"
+    return None, ""
+
+
+def _resolve_radiometry(params: NdviParams, red: DatasetReader,
+                        nir: DatasetReader) -> tuple[float, float, str, list[str]]:
+    """Pick the scale and offset applied to both bands; refuse ambiguous file declarations.
+
+    Returns (scale, offset, where the offset came from, warnings).
+    """
     resolved: list[float] = []
+    source, warnings = "request", []
     for name, override, attr, default in (
         ("scale", params.scale, "scales", 1.0),
         ("offset", params.offset, "offsets", 0.0),
@@ -219,6 +245,20 @@ def _resolve_radiometry(params: NdviParams, red: DatasetReader, nir: DatasetRead
         if override is not None:
             resolved.append(float(override))
             continue
+        if name == "offset":
+            declared = [_declared(getattr(ds, attr), src.band, math.nan) for ds, src in ((red, params.red),
+                                                                                            (nir, params.nir))]
+            # GDAL reports 0.0 for a band that declares no offset, so 0 counts as "not declared" here.
+            if all(math.isnan(v) or v == 0.0 for v in declared) and params.sensor == "sentinel2":
+                found, source = _s2_offset_from_tags((red, nir), resolved[0])
+                if found is None:
+                    found, source = 0.0, "none (Sentinel-2 processing baseline unknown)"
+                    warnings.append("Sentinel-2 processing baseline unknown and no offset declared by the file: no "
+                                    "offset applied, which is right only for baselines before 04.00 (products "
+                                    "processed before 25 Jan 2022); pass processing_baseline or offset")
+                resolved.append(found)
+                continue
+            source = "file" if any(not math.isnan(v) and v != 0.0 for v in declared) else "default (0)"
         red_value = _declared(getattr(red, attr), params.red.band, default)
         nir_value = _declared(getattr(nir, attr), params.nir.band, default)
         if red_value != nir_value:
@@ -227,7 +267,7 @@ def _resolve_radiometry(params: NdviParams, red: DatasetReader, nir: DatasetRead
                 f"red and NIR bands declare different {name}s ({red_value} vs {nir_value}); pass {name} explicitly"
             )
         resolved.append(red_value)
-    return resolved[0], resolved[1]
+    return resolved[0], resolved[1], source, warnings
 
 
 def _nodata_value(dataset: DatasetReader, band: int, override: float | None) -> float | None:
@@ -411,7 +451,7 @@ def run_ndvi(
         _check_size(red_ds, "red", params.max_pixels)
         nir_ds = stack.enter_context(open_input(params.nir, "NIR"))
         _check_size(nir_ds, "NIR", params.max_pixels)
-        scale, offset = _resolve_radiometry(params, red_ds, nir_ds)
+        scale, offset, offset_source, warnings = _resolve_radiometry(params, red_ds, nir_ds)
         red_nodata = _nodata_value(red_ds, params.red.band, params.nodata)
         nir_nodata = _nodata_value(nir_ds, params.nir.band, params.nodata)
         nir_src: DatasetReader | WarpedVRT = nir_ds
@@ -435,6 +475,7 @@ def run_ndvi(
         crs = red_ds.crs.to_string() if red_ds.crs else None
         windows = list(_windows(width, height))
         tags = _tags(params, scale, offset, params.compress, level)
+        tags["EVENTFLOW_OFFSET_SOURCE"] = offset_source
         stage_profile: dict[str, Any] = {
             "driver": "GTiff",
             "dtype": "float32",
@@ -545,6 +586,8 @@ def run_ndvi(
         stats=stats,
         applied_scale=scale,
         applied_offset=offset,
+        offset_source=offset_source,
+        warnings=warnings,
         fields=field_results,
         previews=previews,
         timings=timings,

@@ -43,6 +43,26 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS
 
 
 @pytest.fixture
+def make_redis_server(redis_server: EmbeddedServer,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., EmbeddedServer]]:
+    """Factory: a private server of the session's kind in its own data dir, SIGKILLed at teardown.
+
+    For tests that crash Redis under load without disturbing the shared one. Keywords are EmbeddedServer
+    options: ``appendfsync`` ("always" by default), ``aof``, ``extra_args`` (e.g. ``["--maxmemory", "2mb"]``).
+    """
+    made: list[EmbeddedServer] = []
+
+    def create(**options: Any) -> EmbeddedServer:
+        server = EmbeddedServer(data_dir=tmp_path_factory.mktemp("redis-private"), kind=redis_server.kind, **options)
+        made.append(server)
+        return server.start()
+
+    yield create
+    for server in made:
+        server.kill()
+
+
+@pytest.fixture
 def make_settings(redis_server: EmbeddedServer, tmp_path: Path) -> Callable[..., EventflowSettings]:
     """Factory: settings pointing at the test server, outputs in tmp_path; overrides by group."""
 

@@ -154,7 +154,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis={**base.redis.model_dump(), "url": redis_url},
             ndvi={**base.ndvi.model_dump(), "data_roots": data_roots, "output_root": output_root},
             ingest={**base.ingest.model_dump(), "port": port, "host": "127.0.0.1",
-                    "allow_anonymous": base.ingest.allow_anonymous or not base.ingest.tokens},
+                    "allow_anonymous": base.ingest.allow_anonymous or not (base.ingest.tokens
+                                                                           or base.ingest.hmac_keys)},
             consumer={**base.consumer.model_dump(), "drain_timeout_s": min(base.consumer.drain_timeout_s, 20.0)},
             reaper={**base.reaper.model_dump(),
                     "min_idle_ms": max(base.consumer.lease_ttl_ms + 5_000, min(base.reaper.min_idle_ms, 40_000)),
@@ -288,6 +289,8 @@ def _print_result(view: dict[str, Any]) -> None:
             if key in stats:
                 value = stats[key]
                 print(f"    {key:<13} {value:.4f}" if isinstance(value, float) else f"    {key:<13} {value}")
+    for warning in (result.get("ndvi") or {}).get("warnings") or []:
+        print(f"  warning: {warning}")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -326,26 +329,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a signed bearer token for a tenant, signed with a key from EVENTFLOW_INGEST__HMAC_KEYS."""
+    from eventflow import tokens
+
+    keys = _settings().ingest.hmac_keys
+    if args.key_id not in keys:
+        known = ", ".join(sorted(keys)) or "none configured"
+        raise ConfigError(f"--key-id: {args.key_id!r} is not a key in EVENTFLOW_INGEST__HMAC_KEYS ({known})")
+    if not tokens.TENANT_PATTERN.fullmatch(args.tenant):
+        raise ConfigError(f"--tenant: {args.tenant!r} must match {tokens.TENANT_PATTERN.pattern}")
+    print(tokens.mint(keys, args.key_id, args.tenant, args.ttl_s, tokens.Scope(args.scope)))
+    return 0
+
+
 def _time_bound(text: str | None, name: str) -> int | None:
     """A --since/--until value: Unix milliseconds, or an ISO-8601 time."""
+    from eventflow.dlq import parse_time_ms
+
     if text is None:
         return None
-    if text.isdigit():
-        return int(text)
-    from datetime import UTC, datetime
-
     try:
-        moment = datetime.fromisoformat(text)
+        return parse_time_ms(text)
     except ValueError:
         raise ConfigError(f"--{name}: {text!r} is neither Unix milliseconds nor an ISO-8601 time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     """Inspect and act on the dead-letter stream: list, show, replay, purge."""
     from eventflow.contract import DeadLetterEntry
+    from eventflow.dlq import DlqFilter, DlqOutcome, process_dead_letters, select_dead_letters
     from eventflow.redis.client import connect, functions_for, keys_for
 
     url = os.environ.get("EVENTFLOW_REDIS__URL") or _redis_url_from_state(args)
@@ -354,25 +367,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return 2
     settings = _settings(redis={"url": url})
 
-    async def matching(redis: Any, keys: Any) -> list[tuple[str, DeadLetterEntry]]:
-        since = _time_bound(getattr(args, "since", None), "since")
-        until = _time_bound(getattr(args, "until", None), "until")
-        start = f"{since}-0" if since is not None else "-"
-        end = f"{until}-99999999" if until is not None else "+"
-        out: list[tuple[str, DeadLetterEntry]] = []
-        rows = await redis.xrange(keys.dead_letter_stream, start, end)
-        if args.dlq_command == "list":
-            rows = list(reversed(rows))
-        for dlq_id, fields in rows:
-            entry = DeadLetterEntry.from_fields(fields)
-            if args.failure_class and entry.failure_class != args.failure_class:
-                continue
-            if args.job_id and entry.job_id != args.job_id:
-                continue
-            out.append((dlq_id, entry))
-            if len(out) >= args.max_count:
-                break
-        return out
+    def selection() -> DlqFilter:
+        return DlqFilter(failure_class=args.failure_class, job_id=args.job_id,
+                         since_ms=_time_bound(getattr(args, "since", None), "since"),
+                         until_ms=_time_bound(getattr(args, "until", None), "until"),
+                         max_count=args.max_count, newest_first=args.dlq_command == "list")
 
     def summary(dlq_id: str, entry: DeadLetterEntry, **extra: Any) -> str:
         return json.dumps({"dlq_id": dlq_id, "job_id": entry.job_id, "failure_class": entry.failure_class,
@@ -392,7 +391,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 record = DeadLetterEntry.from_fields(rows[0][1]).model_dump()
                 print(json.dumps({"dlq_id": rows[0][0], **record}, indent=2))
                 return 0
-            selected = await matching(redis, keys)
+            selected = await select_dead_letters(redis, keys, selection())
             if args.dlq_command == "list":
                 for dlq_id, entry in selected:
                     print(summary(dlq_id, entry))
@@ -402,20 +401,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 print("eventflow dlq purge: name a filter (--failure-class, --job-id, --since, --until) or --all",
                       file=sys.stderr)
                 return 2
-            counts: dict[str, int] = {}
-            interval = 1.0 / args.rate if args.rate else 0.0
-            for i, (dlq_id, entry) in enumerate(selected):
-                if args.dry_run:
-                    outcome, detail = "would_" + args.dlq_command, ""
-                elif args.dlq_command == "replay":
-                    outcome, detail = await functions.replay_dead_letter(dlq_id, entry.job_id, entry.request_hash)
-                else:
-                    outcome, detail = ("purged" if await functions.purge_dead_letter(dlq_id) else "missing"), ""
-                counts[outcome] = counts.get(outcome, 0) + 1
-                print(summary(dlq_id, entry, outcome=outcome, detail=detail), flush=True)
+
+            def report(i: int, done: DlqOutcome) -> None:
+                print(summary(done.dlq_id, done.entry, outcome=done.outcome, detail=done.detail), flush=True)
                 print(f"  {i + 1}/{len(selected)} {args.dlq_command}", file=sys.stderr, flush=True)
-                if interval and i + 1 < len(selected):
-                    await asyncio.sleep(interval)
+
+            counts = await process_dead_letters(functions, selected, args.dlq_command, dry_run=args.dry_run,
+                                                rate_per_s=args.rate, on_outcome=report)
             print(json.dumps({"command": args.dlq_command, "dry_run": args.dry_run, "selected": len(selected),
                               **counts}), file=sys.stderr)
             return 0
@@ -479,6 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
         else:
             p.add_argument("job_id", help="job id")
+
+    tok = sub.add_parser("token", help="print a signed bearer token (key from EVENTFLOW_INGEST__HMAC_KEYS)")
+    tok.add_argument("--key-id", required=True, help="key id in EVENTFLOW_INGEST__HMAC_KEYS to sign with")
+    tok.add_argument("--tenant", required=True, help="tenant the token acts for")
+    tok.add_argument("--ttl-s", type=_positive, default=3600, help="seconds until it expires (default 3600)")
+    tok.add_argument("--scope", choices=["write", "read"], default="write",
+                     help="write (default): submit, cancel and read; read: GET only")
+    tok.set_defaults(func=cmd_token)
 
     dlq = sub.add_parser("dlq", help="inspect, replay or purge the dead-letter stream")
     dlq.add_argument("--data-dir", default=None, help="state directory of `eventflow up`")

@@ -13,7 +13,7 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from eventflow.errors import PoisonMessage
 from eventflow.hashing import request_hash
@@ -29,7 +29,20 @@ MAX_GEOJSON_BYTES = 1_000_000
 
 FarmId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Tenant-local farm id.")]
 Href = Annotated[str, Field(min_length=1, max_length=MAX_HREF_CHARS, description="file://, https:// or s3:// URI.")]
-BandNumber = Annotated[int, Field(ge=1, le=1000, description="1-based band index.")]
+
+
+def _number_not_text(value: Any) -> Any:
+    """Refuse JSON true/false and numeric strings where a number is expected (pydantic's lax mode would
+    read `true` as 1 and `"7"` as 7); 3 and 3.0 stay the same request."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+BandNumber = Annotated[int, BeforeValidator(_number_not_text), Field(ge=1, le=1000, description="1-based band index.")]
+Priority = Annotated[int, BeforeValidator(_number_not_text)]
+#: A JSON number (int or float), never a string or boolean.
+Number = Annotated[float, BeforeValidator(_number_not_text)]
 
 
 class _Strict(BaseModel):
@@ -96,7 +109,7 @@ class OutputOptions(_Strict):
     compress: Literal["zstd", "deflate"] = "zstd"
     previews: bool = Field(default=False, description="Also write PNG previews (absolute and p2-p98 stretch).")
     all_touched: bool = Field(default=False, description="Per-field rule: every touched pixel, not pixel centres.")
-    vegetation_threshold: float = Field(default=0.3, ge=-1, le=1, description="NDVI counted as vegetation.")
+    vegetation_threshold: Number = Field(default=0.3, ge=-1, le=1, description="NDVI counted as vegetation.")
 
 
 class QaInput(_Strict):
@@ -119,17 +132,17 @@ class NdviJobRequest(_Strict):
     farm_id: FarmId
     inputs: MultibandInputs | BandFileInputs
     sensor: Sensor | None = None
-    scale: float | None = Field(default=None, description="Reflectance = DN * scale + offset.")
-    offset: float | None = Field(default=None, description="Additive offset applied after scale.")
+    scale: Number | None = Field(default=None, description="Reflectance = DN * scale + offset.")
+    offset: Number | None = Field(default=None, description="Additive offset applied after scale.")
     processing_baseline: str | None = Field(
         default=None, pattern=r"^\d{2}\.\d{2}$",
         description="Sentinel-2 processing baseline (e.g. 05.10, from the product name's N0510): from 04.00 "
         "on, DN carry a +1000 offset, so reflectance = (DN - 1000) / 10000. Without it the file's declared "
         "offset or baseline tag is used, else no offset (with a warning in the result).")
-    nodata: float | None = Field(default=None, description="Input nodata override.")
+    nodata: Number | None = Field(default=None, description="Input nodata override.")
     fields: dict[str, Any] | None = Field(default=None, description="GeoJSON FeatureCollection.")
     output: OutputOptions | None = None
-    priority: int | None = Field(default=None, ge=0, le=9, description="0 (low) to 9 (high).")
+    priority: Priority | None = Field(default=None, ge=0, le=9, description="0 (low) to 9 (high).")
     qa: QaInput | None = None
     resample: Literal["none", "nearest", "bilinear"] = Field(
         default="none", description="Red and NIR on different grids: refuse (none) or warp NIR onto red.")

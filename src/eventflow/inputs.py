@@ -18,7 +18,7 @@ class InputRejected(InputError):
         self.field = field
 
 
-def _forbidden_host(host: str) -> bool:
+def forbidden_host(host: str) -> bool:
     # Literal IPs in any spelling (127.1, 2130706433, ::1, 0x7f.1) are refused: remote inputs must name
     # an allow-listed host, and no allow-list entry is an address.
     try:
@@ -54,7 +54,7 @@ def vet_href(field: str, href: str, settings: NdviSettings) -> None:
         host = (parts.hostname or "").lower()
         if not host:
             raise InputRejected(field, f"{scheme} URL has no host")
-        if _forbidden_host(host):
+        if forbidden_host(host):
             raise InputRejected(field, "addresses (loopback, private, link-local, metadata) are not accepted")
         if host not in {h.lower() for h in settings.allowed_hosts}:
             raise InputRejected(field, f"host {host!r} is not on the allow-list (EVENTFLOW_NDVI__ALLOWED_HOSTS)")
@@ -63,13 +63,12 @@ def vet_href(field: str, href: str, settings: NdviSettings) -> None:
 
 
 def local_path(field: str, href: str, settings: NdviSettings) -> Path:
-    """Vet href again (consumers trust nothing on the stream) and return its local path.
+    """Vet a file:// href again (consumers trust nothing on the stream) and return its local path.
 
-    Remote (https/s3) inputs need the vetted fetcher, which is not built yet: they fail permanently
-    with a clear reason instead of being opened by GDAL's network drivers.
+    Remote (https/s3) inputs go through eventflow.fetch instead, never through GDAL's network drivers.
     """
     vet_href(field, href, settings)
     parts = urlsplit(href)
     if parts.scheme.lower() != "file":
-        raise InputRejected(field, f"{parts.scheme} inputs are not fetched by this version; use file://")
+        raise InputRejected(field, f"{parts.scheme} inputs are downloaded by eventflow.fetch, not opened in place")
     return Path(unquote(parts.path)).resolve()

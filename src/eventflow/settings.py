@@ -6,7 +6,9 @@ is generated from this model (``eventflow config-docs``) and a test fails when i
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,10 +64,29 @@ class IngestSettings(BaseModel):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted request body, bytes.")
     tokens: dict[str, str] = Field(
         default_factory=dict,
-        description='Static bearer tokens as JSON {"token": "tenant"}. Empty: no auth, tenant "default" '
-        "(refused outside `eventflow up` unless allow_anonymous is set).",
+        description='Static bearer tokens as JSON {"token": "tenant"}. Empty and no hmac_keys: no auth, tenant '
+        '"default" (refused outside `eventflow up` unless allow_anonymous is set).',
+    )
+    hmac_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description='HMAC-SHA256 keys for signed bearer tokens as JSON {"key_id": "secret"}: key ids are 1-32 '
+        "characters of A-Z a-z 0-9 _ -, secrets at least 32 characters (e.g. `openssl rand -base64 32`). A token "
+        "`ef1.<key_id>.<base64url claims>.<base64url signature>` names its key, so several keys allow rotation; "
+        "mint one with `eventflow token --key-id K --tenant T --ttl-s N` (docs/api.md).",
     )
     allow_anonymous: bool = Field(default=False, description="Accept requests without a token (tenant \"default\").")
+
+    @field_validator("hmac_keys")
+    @classmethod
+    def _hmac_keys_usable(cls, value: dict[str, str]) -> dict[str, str]:
+        # Key ids travel inside the dot-separated token, and short secrets can be brute-forced offline from
+        # one captured token; refuse both at start rather than minting weak tokens. Never echo a secret.
+        for key_id, secret in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", key_id):
+                raise ValueError(f"key id {key_id!r} must be 1-32 characters of A-Z a-z 0-9 _ -")
+            if len(secret) < 32:
+                raise ValueError(f"secret of key {key_id!r} is shorter than 32 characters")
+        return value
 
 
 class ConsumerSettings(BaseModel):
@@ -126,6 +147,29 @@ class NdviSettings(BaseModel):
         default_factory=list, description="Hosts (https) and buckets (s3) remote inputs may come from."
     )
     max_pixels: int = Field(default=400_000_000, ge=1, description="Largest raster accepted, width*height pixels.")
+    s3_url_template: str = Field(
+        default="https://{bucket}.s3.amazonaws.com/{key}",
+        description="How s3://bucket/key inputs are fetched (public objects; e.g. "
+        "https://{bucket}.s3.eu-central-1.amazonaws.com/{key} or an S3-compatible endpoint).")
+    fetch_max_bytes: int = Field(default=4 * 1024**3, ge=1, description="Largest remote input downloaded, bytes.")
+    fetch_timeout_s: float = Field(default=60.0, gt=0, description="Connect/read timeout of remote input fetches, s.")
+    fetch_allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDRs remote input hosts may resolve to besides public addresses (e.g. "
+        "an on-prem object store at 10.20.0.0/16); loopback, private and link-local are refused otherwise.")
+    fetch_ca_file: Path | None = Field(default=None, description="Extra CA bundle (PEM) trusted for remote inputs.")
+    fetch_resolve: dict[str, str] = Field(
+        default_factory=dict, description='Fixed addresses for remote input hosts as JSON {"host": "ip"}, like curl '
+        "--resolve (split-horizon DNS, tests); the address checks still apply to them.")
+
+    @field_validator("fetch_allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a network: {net!r}") from exc
+        return value
 
 
 class MetricsSettings(BaseModel):

@@ -140,7 +140,9 @@ def test_python_client_sees_watch_events(k8s_cluster: Cluster, eventflow_crds: l
         doc = sample(NDVIJOB_SAMPLE)
         doc["metadata"]["name"] = name
         k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
-        k8s_cluster.kubectl("patch", "-n", ns, "ndvijob", name, "--type=merge", "-p", '{"spec":{"priority":9}}')
+        # The spec is immutable (a CEL rule on the CRD), so the update is a label.
+        k8s_cluster.kubectl("patch", "-n", ns, "ndvijob", name, "--type=merge", "-p",
+                            '{"metadata":{"labels":{"tier":"gold"}}}')
         k8s_cluster.kubectl("delete", "-n", ns, "ndvijob", name)
         seen: list[tuple[str, Any]] = []
         deadline = time.monotonic() + 30
@@ -150,9 +152,9 @@ def test_python_client_sees_watch_events(k8s_cluster: Cluster, eventflow_crds: l
             except queue.Empty:
                 continue
             if obj["metadata"]["name"] == name:
-                seen.append((kind, obj["spec"].get("priority")))
+                seen.append((kind, (obj["metadata"].get("labels") or {}).get("tier")))
         assert not errors, errors
-        assert seen == [("ADDED", 5), ("MODIFIED", 9), ("DELETED", 9)]
+        assert seen == [("ADDED", None), ("MODIFIED", "gold"), ("DELETED", "gold")]
     finally:
         stopping.set()
         watch.stop()

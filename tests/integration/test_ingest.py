@@ -206,3 +206,34 @@ async def test_openapi_published(api: Any) -> None:
     spec = (await client.get("/openapi.json")).json()
     assert "/v1/ndvi/jobs" in spec["paths"]
     assert spec["paths"]["/v1/ndvi/jobs"]["post"]["operationId"] == "submit_ndvi_job"
+
+
+async def test_undecodable_bodies_and_unknown_routes_answer_the_error_body(api: Any, redis: Redis, keys: Keys) -> None:
+    client = await api()
+    before = await snapshot(redis, keys)
+    json_type = {"content-type": "application/json"}
+    # Found by schemathesis: a non-UTF-8 body was FastAPI's 400 {"detail": ...}; a JSON syntax error named the
+    # character offset as its field.
+    for content, message in ((b"HC\xff", "not valid UTF-8 JSON"), (b"{not json", "not valid JSON")):
+        reply = await client.post("/v1/ndvi/jobs", content=content, headers=json_type)
+        assert reply.status_code == 422 and reply.json()["error"] == "invalid_request", reply.text
+        assert reply.json()["field"] is None and message in reply.json()["message"], reply.text
+    missing = await client.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json() == {"error": "not_found", "message": "Not Found",
+                                                             "field": None}
+    wrong = await client.put("/v1/ndvi/jobs", content=b"{}", headers=json_type)
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+    assert "POST" in wrong.headers["allow"]
+    assert await snapshot(redis, keys) == before
+
+
+async def test_missing_function_library_is_503_not_500(api: Any, redis: Redis, keys: Keys) -> None:
+    client = await api(ingest={"retry_after_s": 3})
+    job = (await client.post("/v1/ndvi/jobs", json=body())).json()
+    await redis.function_flush()  # a server restored without the library: not bootstrapped, not a bug
+    submit = await client.post("/v1/ndvi/jobs", json=body(farm_id="farm-8"))
+    cancel = await client.delete(f"/v1/ndvi/jobs/{job['job_id']}")
+    for reply in (submit, cancel):
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "3", reply.text
+        assert reply.json()["error"] == "not_ready" and "eventflow bootstrap" in reply.json()["message"]
+    assert await redis.xlen(keys.job_stream) == 1

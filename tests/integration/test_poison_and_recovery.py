@@ -93,7 +93,7 @@ async def test_two_late_reapers_recover_everything_once(fleet: Any, redis: Redis
         with_group(c, signal.SIGKILL)
     stranded = int((await redis.xpending(keys.job_stream, keys.group))["pending"])
     assert stranded > 0, "nothing was in flight when the consumers died: the test proved nothing"
-    await asyncio.sleep(10)  # stands in for "a minute": > min_idle, heartbeats long expired
+    await asyncio.sleep(60)  # a minute without a reaper: far past min_idle, every heartbeat expired
     for _ in range(2):
         f.start("consumer", **CHAOS)
     f.start("reaper")
@@ -167,3 +167,36 @@ async def test_consumer_churn_keeps_the_group_bounded(redis: Redis, settings: Ev
 async def enqueue_many(functions: Functions, n: int, cycle: int) -> list[tuple[str, str, str]]:
     jobs = await enqueue_farms(functions, [f"farm-{cycle}-{i}" for i in range(n)])
     return list(jobs.values())
+
+
+async def test_real_consumer_processes_come_and_go_200_times(fleet: Any, redis: Redis, functions: Functions,
+                                                             keys: Keys) -> None:
+    """200 `eventflow consumer` processes started in rounds of four while jobs flow; half die by SIGKILL
+    (no cleanup at all), half by SIGTERM. Afterwards the group lists only live consumers and nothing is
+    left pending or dead-lettered."""
+    f = fleet(streams={"max_deliveries": 100}, consumer={"isolation": "thread", "heartbeat_ttl_ms": 1500})
+    reaper = f.start("reaper")
+    jobs: dict[str, tuple[str, str, str]] = {}
+    for round_ in range(50):
+        jobs.update(await enqueue_farms(functions, [f"churn-{round_}-{i}" for i in range(4)]))
+        procs = [f.start("consumer", **CHAOS) for _ in range(4)]
+        await asyncio.sleep(0.7)  # long enough to register and take work, not to finish everything
+        for i, p in enumerate(procs):
+            with_group(p, signal.SIGKILL if i % 2 else signal.SIGTERM)
+        await asyncio.gather(*(asyncio.to_thread(p.wait, 30) for p in procs))
+    assert f.count == 201
+    finisher = f.start("consumer", **CHAOS)
+
+    async def settled() -> bool:
+        return (await states(redis, keys, jobs))["succeeded"] == len(jobs)
+
+    await wait_for(settled, 120, interval_s=0.5)
+
+    async def bounded() -> bool:
+        names = [c["name"] for c in await redis.xinfo_consumers(keys.job_stream, keys.group)]
+        return len(names) == 1 and await redis.zcard(keys.consumer_registry) == 1
+
+    await wait_for(bounded, 30, interval_s=0.5)  # dead consumers' heartbeats expire, the reaper removes them
+    assert int((await redis.xpending(keys.job_stream, keys.group))["pending"]) == 0
+    assert await redis.xlen(keys.dead_letter_stream) == 0
+    assert finisher.poll() is None and reaper.poll() is None

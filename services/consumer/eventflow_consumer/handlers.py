@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from eventflow.contract import BandFileInputs, JobType, OutputOptions, StreamEntry
 from eventflow.errors import DependencyUnavailable, TransientError
-from eventflow.inputs import local_path
+from eventflow.fetch import fetch
+from eventflow.inputs import local_path, vet_href
 from eventflow.settings import NdviSettings
 
 
@@ -63,18 +66,47 @@ def run_ndvi_job(entry: StreamEntry, ctx: JobContext) -> dict[str, Any]:
 
     request = entry.request()
     inputs = request.inputs
+    try:
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DependencyUnavailable("output_store", f"output directory unavailable: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix=".inputs-", dir=ctx.output_dir) as downloads:
+        local = _Inputs(ctx, Path(downloads))
+        return _run(request, inputs, local, ctx, BandSource, NdviParams, run_ndvi)
+
+
+class _Inputs:
+    """Input hrefs as local paths: file:// vetted against the data roots, https/s3 via the vetted fetcher
+    into a per-job temporary directory (one download per distinct href, deleted after the job)."""
+
+    def __init__(self, ctx: JobContext, downloads: Path) -> None:
+        self.ctx, self.downloads = ctx, downloads
+        self.fetched: dict[str, Path] = {}
+
+    def path(self, field: str, href: str) -> str:
+        if urlsplit(href).scheme.lower() == "file":
+            return str(local_path(field, href, self.ctx.ndvi))
+        if href not in self.fetched:
+            vet_href(field, href, self.ctx.ndvi)
+            dest = self.downloads / f"input-{len(self.fetched)}{Path(urlsplit(href).path).suffix[:8]}"
+            self.fetched[href] = fetch(field, href, dest, self.ctx.ndvi)
+        return str(self.fetched[href])
+
+
+def _run(request: Any, inputs: Any, local: _Inputs, ctx: JobContext, BandSource: Any, NdviParams: Any,
+         run_ndvi: Any) -> dict[str, Any]:
     if isinstance(inputs, BandFileInputs):
-        red = BandSource(str(local_path("inputs.red.href", inputs.red.href, ctx.ndvi)), inputs.red.band)
-        nir = BandSource(str(local_path("inputs.nir.href", inputs.nir.href, ctx.ndvi)), inputs.nir.band)
+        red = BandSource(local.path("inputs.red.href", inputs.red.href), inputs.red.band)
+        nir = BandSource(local.path("inputs.nir.href", inputs.nir.href), inputs.nir.band)
     else:
-        path = str(local_path("inputs.href", inputs.href, ctx.ndvi))
+        path = local.path("inputs.href", inputs.href)
         normalized = request.normalized()["inputs"]
         red = BandSource(path, int(normalized["red_band"]))
         nir = BandSource(path, int(normalized["nir_band"]))
     output = request.output or OutputOptions()
     qa = None
     if request.qa is not None:
-        qa = BandSource(str(local_path("qa.href", request.qa.href, ctx.ndvi)), request.qa.band)
+        qa = BandSource(local.path("qa.href", request.qa.href), request.qa.band)
     normalized = request.normalized()
     params = NdviParams(
         red=red, nir=nir, scale=normalized.get("scale"), offset=normalized.get("offset"), nodata=request.nodata,
@@ -85,10 +117,6 @@ def run_ndvi_job(entry: StreamEntry, ctx: JobContext) -> dict[str, Any]:
     )
     name = output.name
     _check_input_store([red.path, nir.path, *([qa.path] if qa else [])], ctx.ndvi.data_roots)
-    try:
-        ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DependencyUnavailable("output_store", f"output directory unavailable: {exc}") from exc
     # Each attempt writes its own file named by its fencing token, via a temporary name, so a zombie's
     # late write can never clobber the file a newer attempt committed.
     final = ctx.output_dir / f"{name}-f{ctx.fence}.tif"

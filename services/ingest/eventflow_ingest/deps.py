@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, Redis functions, and the tenant taken from the bearer token."""
+"""FastAPI dependencies: settings, Redis functions, and the tenant taken from the bearer token (static or signed)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from eventflow import tokens
 from eventflow.keys import Keys
 from eventflow.metrics import IngestMetrics
 from eventflow.redis.functions import Functions
@@ -14,43 +15,59 @@ from eventflow.settings import EventflowSettings
 from eventflow_ingest.errors import ApiError
 
 
-def _settings(request: Request) -> EventflowSettings:
+# Every dependency is `async def` although none awaits: FastAPI runs plain `def` dependencies in its thread
+# pool, and those hops (five per request) cost more CPU than the whole submission (bench/README.md).
+async def _settings(request: Request) -> EventflowSettings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def _functions(request: Request) -> Functions:
+async def _functions(request: Request) -> Functions:
     return request.app.state.functions  # type: ignore[no-any-return]
 
 
-def _keys(request: Request) -> Keys:
+async def _keys(request: Request) -> Keys:
     return request.app.state.keys  # type: ignore[no-any-return]
 
 
-def _metrics(request: Request) -> IngestMetrics:
+async def _metrics(request: Request) -> IngestMetrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
-def _tenant(request: Request) -> str:
-    settings: EventflowSettings = request.app.state.settings
-    tokens = settings.ingest.tokens
-    header = request.headers.get("authorization", "")
-    if not tokens:
-        if settings.ingest.allow_anonymous:
+#: Methods a read-scoped token may use: they change nothing.
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
+def _unauthorized(error: str, message: str, challenge: str = "Bearer") -> ApiError:
+    return ApiError(401, error, message, "Authorization", {"WWW-Authenticate": challenge})
+
+
+async def _tenant(request: Request) -> str:
+    ingest = request.app.state.settings.ingest
+    if not ingest.tokens and not ingest.hmac_keys:
+        if ingest.allow_anonymous:
             return "default"
-        raise ApiError(401, "unauthorized", "no tokens configured and anonymous access is off",
-                       "Authorization", {"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("unauthorized", "no tokens configured and anonymous access is off")
+    header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
-        raise ApiError(401, "unauthorized", "a bearer token is required", "Authorization",
-                       {"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("unauthorized", "a bearer token is required")
+    if ingest.hmac_keys and tokens.is_signed(presented):
+        try:
+            claims = tokens.verify(presented, ingest.hmac_keys)
+        except tokens.TokenRejected as exc:
+            raise _unauthorized(exc.reason, f"bearer token rejected: {exc}", 'Bearer error="invalid_token"') from None
+        # Authenticated but not allowed to change anything: 403, so the client does not retry with the same token.
+        if claims.scope is tokens.Scope.read and request.method not in _SAFE_METHODS:
+            raise ApiError(403, "insufficient_scope", f"a {claims.scope} token cannot {request.method} this resource",
+                           "Authorization", {"WWW-Authenticate": 'Bearer error="insufficient_scope"'})
+        return claims.tenant
     tenant = None
     # Compare against every token in constant time so timing reveals neither which nor how much matched.
-    for token, owner in tokens.items():
+    for token, owner in ingest.tokens.items():
         if hmac.compare_digest(token.encode(), presented.encode()):
             tenant = owner
     if tenant is None:
-        raise ApiError(401, "unauthorized", "unknown bearer token", "Authorization",
-                       {"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("unauthorized", "unknown bearer token")
     return tenant
 
 

@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from eventflow.admission import field_path
 from eventflow.errors import EpochMismatch, LibraryMismatch
 from eventflow.inputs import InputRejected
 from eventflow.redis.functions import Backpressure, GroupMissing, IdempotencyConflict
@@ -41,14 +43,25 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(body(exc.error, exc.message, exc.field), exc.status, headers=exc.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers a body it cannot decode (not UTF-8) with 400; that is the same client mistake as
+        # malformed JSON, which is a 422. Unknown routes (404) and methods (405) keep their status.
+        if exc.status_code == 400:
+            return JSONResponse(body("invalid_request", "body: not valid UTF-8 JSON", None), 422)
+        error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(body(error, str(exc.detail), None), exc.status_code, headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        # Union members add their class name to the location; drop it so the field reads like the JSON.
-        loc = [p for p in loc if p not in {"MultibandInputs", "BandFileInputs"}]
-        field = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            # Its location is ("body", character offset): a position in the text, not a field.
+            where = [p for p in first.get("loc", ()) if p != "body"]
+            message = f"body: not valid JSON ({first.get('msg')}{f' at character {where[0]}' if where else ''})"
+            return JSONResponse(body("invalid_request", message, None), 422)
+        field = field_path(first.get("loc", ()), drop=("body",)) or None
         details = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or None,
                     "message": e.get("msg", "")} for e in errors[:20]]
         return JSONResponse(body("invalid_request", f"{field or 'body'}: {first.get('msg')}", field,
@@ -86,5 +99,11 @@ def install(app: FastAPI, retry_after_s: int) -> None:
         if text.startswith(("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")):
             log.warning("redis refused the write: %s", text)
             return JSONResponse(body("redis_refused", text.split(" ", 1)[0]), 503, headers=retry)
+        if "function not found" in text.lower():
+            # The library is gone (FUNCTION FLUSH, or a server restored without it): like a missing epoch,
+            # the store is not bootstrapped -- an operator's fix, not a bug in the request.
+            log.error("redis not ready: %s", text)
+            return JSONResponse(body("not_ready", "the Redis Function library is not loaded; run `eventflow "
+                                     "bootstrap`"), 503, headers=retry)
         log.exception("unexpected redis error")
         return JSONResponse(body("internal", "unexpected store error"), 500)

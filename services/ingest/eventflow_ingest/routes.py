@@ -12,18 +12,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from eventflow import __version__
-from eventflow.contract import (
-    JobState,
-    JobView,
-    NdviJobRequest,
-    StreamEntry,
-    SubmitResponse,
-    new_job_id,
-    new_trace_id,
-    now_ms,
-)
+from eventflow.admission import admit_job
+from eventflow.contract import JobState, JobView, NdviJobRequest, SubmitResponse
 from eventflow.errors import EventflowError
-from eventflow.inputs import vet_href
+from eventflow.inputs import InputRejected
 from eventflow.redis.client import check_ready, server_facts
 from eventflow_ingest.deps import FunctionsDep, KeysDep, MetricsDep, SettingsDep, TenantDep
 from eventflow_ingest.errors import ApiError
@@ -32,7 +24,8 @@ jobs_router = APIRouter(prefix="/v1/ndvi/jobs", tags=["jobs"])
 health_router = APIRouter(tags=["health"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or unknown bearer token."},
+    401: {"description": "Missing, unknown, expired or badly signed bearer token."},
+    403: {"description": "Valid token whose scope does not allow this action (a read token cannot write)."},
     413: {"description": "Body over the size limit."},
     415: {"description": "Content-Type is not application/json."},
     422: {"description": "Invalid request; the body names the field."},
@@ -53,39 +46,29 @@ async def submit_job(
     response: Response,
     settings: SettingsDep,
     functions: FunctionsDep,
-    keys: KeysDep,
     metrics: MetricsDep,
     tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> SubmitResponse:
     """Accept an NDVI job: 202 once it is durably on the stream, 200 with the existing job if a duplicate."""
     started = time.perf_counter()
-    for field, href in job.hrefs():
-        vet_href(field, href, settings.ndvi)
-    request_hash = job.hash_for(tenant)
-    entry = StreamEntry(job_id=new_job_id(), request_hash=request_hash, tenant=tenant, enqueued_at_ms=now_ms(),
-                        trace_id=new_trace_id(), payload=job.normalized())
     try:
-        submitted = await functions.submit_job(
-            job_id=entry.job_id, request_hash=request_hash, tenant=tenant, entry_fields=entry.to_fields(),
-            max_backlog=settings.ingest.max_backlog, idempotency_key=idempotency_key,
-        )
+        admitted = await admit_job(functions, settings, job, tenant, idempotency_key=idempotency_key)
+    except InputRejected:
+        raise  # a 422 naming the field: a bad request, not a rejection counted by reason
     except Exception as exc:
         metrics.rejected.labels(reason=type(exc).__name__).inc()
         raise
-    response.headers["Location"] = f"/v1/ndvi/jobs/{submitted.job_id}"
-    if submitted.created:
+    response.headers["Location"] = f"/v1/ndvi/jobs/{admitted.job_id}"
+    if admitted.created:
         metrics.accepted.inc()
-        status = JobState.queued
     else:
         metrics.duplicates.inc()
         response.status_code = 200
-        state = await functions.redis.hget(keys.job_state(submitted.job_id), "state")
-        status = JobState(state) if state else JobState.queued
     metrics.latency.observe(time.perf_counter() - started)
     metrics.requests.labels(route="submit", code=str(response.status_code)).inc()
-    return SubmitResponse(job_id=submitted.job_id, request_hash=request_hash, status=status,
-                          duplicate=not submitted.created)
+    return SubmitResponse(job_id=admitted.job_id, request_hash=admitted.request_hash, status=admitted.state,
+                          duplicate=not admitted.created)
 
 
 async def _load(functions: FunctionsDep, keys: KeysDep, job_id: str, tenant: str) -> JobView:

@@ -216,13 +216,6 @@ async def serve(settings: EventflowSettings, redis: Redis) -> int:
 
 def run(settings: EventflowSettings) -> int:
     """Entry point used by ``eventflow reaper``: connect, cycle until SIGTERM, close."""
-    from eventflow.redis.client import connect
+    from eventflow.redis.client import run_with_redis
 
-    async def main() -> int:
-        redis = connect(settings)
-        try:
-            return await serve(settings, redis)
-        finally:
-            await redis.aclose()
-
-    return asyncio.run(main())
+    return run_with_redis(settings, serve)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -115,6 +117,19 @@ async def check_ready(redis: Redis, keys: Keys) -> str:
     return str(epoch)
 
 
+def run_with_redis(settings: EventflowSettings, serve: Callable[[EventflowSettings, Redis], Awaitable[int]]) -> int:
+    """A service's process entry point: connect, ``await serve(settings, redis)`` until it returns, close."""
+
+    async def main() -> int:
+        redis = connect(settings)
+        try:
+            return await serve(settings, redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
 #: Exit code of a consumer or reaper that found Redis wiped or replaced under it: not ready, restart me.
 EXIT_WIPED = 3
 
@@ -145,5 +160,6 @@ __all__ = [
     "functions_for",
     "keys_for",
     "library_version",
+    "run_with_redis",
     "server_facts",
 ]

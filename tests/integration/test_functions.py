@@ -118,6 +118,29 @@ async def test_zombie_commit_is_refused(functions: Functions, redis: Redis, keys
     assert not await redis.exists(keys.result("h1"))
 
 
+async def test_negative_control_an_unfenced_commit_lets_the_zombie_win(functions: Functions, redis: Redis,
+                                                                          keys: Keys) -> None:
+    """The zombie scenario without the fenced commit: plain writes in wake-up order leave the stale result."""
+    zombie = await lease(functions, token="zombie", ttl=100)
+    await asyncio.sleep(0.2)
+    fresh = await lease(functions, token="fresh")
+    await redis.hset(keys.result("h1"), mapping={"fence": fresh, "json": '{"who":"fresh"}'})  # fresh commits
+    await redis.hset(keys.result("h1"), mapping={"fence": zombie, "json": '{"who":"zombie"}'})  # zombie wakes
+    assert await redis.hget(keys.result("h1"), "json") == '{"who":"zombie"}'  # the hazard the function closes
+
+
+async def test_negative_control_without_the_result_check_a_redelivery_runs_again(functions: Functions,
+                                                                                  redis: Redis, keys: Keys) -> None:
+    """Killed between commit and ack: the lease is gone, so a bare SET NX lets the redelivery run the job a
+    second time; eventflow_acquire_lease answers -2 (acked, not re-run) instead."""
+    fence = await lease(functions, token="first", ttl=100)
+    assert await functions.commit_result("h1", "j1", "first", fence, "{}", {}) == "committed"
+    await asyncio.sleep(0.2)  # the killed worker's lease expires; its entry is redelivered
+    assert await redis.set(keys.lease("h1"), "second", nx=True, px=10_000)  # the naive path: run again
+    await redis.delete(keys.lease("h1"))
+    assert await lease(functions, token="second") == -2
+
+
 async def test_commit_is_once_only(functions: Functions, redis: Redis, keys: Keys) -> None:
     fence = await lease(functions, token="a")
     assert await functions.commit_result("h1", "j1", "a", fence, '{"n":1}', {}) == "committed"

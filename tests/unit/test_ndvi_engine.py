@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rasterio.crs import CRS
 
 from eventflow.errors import InputError, RasterTooLarge
@@ -405,3 +407,38 @@ def test_sentinel2_request_baseline_sets_the_offset() -> None:
         NdviJobRequest.model_validate({**base, "sensor": "landsat8", "processing_baseline": "05.10"})
     with pytest.raises(ValueError, match="processing_baseline"):
         NdviJobRequest.model_validate({**base, "processing_baseline": "5.1"})
+
+
+_EDGES = np.linspace(-1.0, 1.0, 21, dtype=np.float32)
+# Values where an off-by-one in the key arithmetic would show: every histogram edge and its float32
+# neighbours, both zeros, the ends of the range and the default vegetation threshold.
+_AWKWARD = sorted({float(v) for edge in [*_EDGES, np.float32(0.3)]
+                   for v in (np.nextafter(edge, np.float32(-2)), edge, np.nextafter(edge, np.float32(2)))
+                   if -1.0 <= v <= 1.0} | {-0.0, 0.0})  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.sampled_from(_AWKWARD), st.floats(-1.0, 1.0, width=32, allow_subnormal=True)),
+        min_size=1, max_size=300,
+    ),
+    parts=st.integers(1, 7),
+    threshold=st.sampled_from([0.3, 0.0, -1.0, 1.0, 0.55]),
+)  # fmt: skip
+def test_key_derived_stats_equal_numpy(values: list[float], parts: int, threshold: float) -> None:
+    """Min, max, the 20-bin histogram and the vegetation fraction come from the key histograms, not from
+    np.histogram / np.min / a threshold pass; they must still equal numpy's answers exactly."""
+    array = np.array(values, dtype=np.float32)
+    chunks = np.array_split(array, parts)
+    accumulator = StatsAccumulator(threshold)
+    for chunk in chunks:
+        accumulator.add(chunk, 0, 0)
+    stats = accumulator.finish(chunks)
+    counts, _ = np.histogram(array, bins=20, range=(-1.0, 1.0))
+    assert list(stats.histogram) == counts.tolist()
+    assert stats.min == float(array.min()) and stats.max == float(array.max())
+    assert stats.vegetation_fraction == float(np.count_nonzero(array >= np.float32(threshold))) / array.size
+    assert stats.median == float(np.median(array.astype(np.float64)))
+    for name, q in (("p10", 0.10), ("p25", 0.25), ("p75", 0.75), ("p90", 0.90)):
+        assert getattr(stats, name) == float(np.quantile(array.astype(np.float64), q)), name

@@ -76,6 +76,60 @@ def test_output_is_a_cloud_optimized_geotiff(s2_fields: tuple[Any, np.ndarray, P
     assert outcome.tags == {k: v for k, v in tags.items() if k.startswith("EVENTFLOW_")}
 
 
+def _noisy_pair(tmp_path: Path, shape: tuple[int, int]) -> tuple[Path, Path]:
+    rng = np.random.default_rng(7)
+    red = rng.integers(1, 3000, (1, *shape)).astype(np.uint16)
+    nir = rng.integers(1, 6000, (1, *shape)).astype(np.uint16)
+    red[0, rng.random(shape) < 0.3] = 0  # scattered nodata: cells with 0 to 4 valid pixels
+    red[0, :, :37] = 0  # and whole NaN cells
+    return write_tif(tmp_path / "red.tif", red, nodata=0), write_tif(tmp_path / "nir.tif", nir, nodata=0)
+
+
+def test_overviews_are_bit_identical_to_gdal_average(tmp_path: Path) -> None:
+    """On even sizes pass 1 writes the first overview level itself (2 x 2 averages into stage.tif.ovr) and
+    GDAL builds the rest from it; every level must equal what GDAL's build_overviews(average) makes from
+    the same NDVI, NaN cells included."""
+    shape = (1000, 4100)
+    red, nir = _noisy_pair(tmp_path, shape)
+    outcome, written = run(tmp_path, _params(red, 1, nir, 1))
+    assert cog_errors(outcome.output_path) == []
+    levels = overview_levels(shape[1], shape[0])
+    assert len(levels) == 4
+    reference = tmp_path / "reference.tif"
+    with rasterio.open(outcome.output_path) as src:
+        profile = {**src.profile, "driver": "GTiff", "compress": "none"}
+        assert src.overviews(1) == levels
+    with rasterio.open(reference, "w", **profile) as dst:
+        dst.write(written, 1)
+    with rasterio.open(reference, "r+") as dst:
+        dst.build_overviews(levels, rasterio.enums.Resampling.average)
+    for index in range(len(levels)):
+        with rasterio.open(outcome.output_path, overview_level=index) as ours, \
+                rasterio.open(reference, overview_level=index) as gdal:  # fmt: skip
+            ours_level, gdal_level = ours.read(1), gdal.read(1)
+        assert ours_level.shape == gdal_level.shape
+        assert np.isnan(ours_level).any()
+        np.testing.assert_array_equal(ours_level, gdal_level, err_msg=f"overview level {index}")
+
+
+def test_odd_sizes_get_overviews_from_gdal(tmp_path: Path) -> None:
+    # 2 x 2 cells do not tile an odd raster (GDAL's cells then straddle pixels), so GDAL builds every level.
+    red, nir = _noisy_pair(tmp_path, (1025, 4101))
+    outcome, _ = run(tmp_path, _params(red, 1, nir, 1))
+    assert cog_errors(outcome.output_path) == []
+    with rasterio.open(outcome.output_path) as src:
+        assert src.overviews(1) == [2, 4, 8, 16]
+
+
+def test_infinite_float_input_counts_as_nodata(tmp_path: Path) -> None:
+    bands = np.array([[[0.1, np.inf, 0.2, -np.inf]], [[0.5, 0.5, np.inf, 0.4]]], dtype=np.float32)
+    tif = write_tif(tmp_path / "in.tif", bands, "float32")
+    outcome, written = run(tmp_path, _params(tif, 1, tif, 2))
+    assert outcome.stats.nodata_count == 3 and outcome.stats.valid_count == 1
+    assert np.isnan(written[0, 1:]).all()
+    assert outcome.stats.mean == pytest.approx(0.4 / 0.6)
+
+
 def test_cog_check_rejects_a_plain_geotiff(tmp_path: Path) -> None:
     plain = write_tif(tmp_path / "plain.tif", np.ones((1, 600, 600)), "float32")
     errors = cog_errors(plain)

@@ -3,7 +3,8 @@
 Usage::
 
     python bench/ingest_bench.py [--workers 2] [--client-procs 1] [--connections 64] [--seconds 10]
-                                 [--rate 1000] [--appendfsync always]
+                                 [--rate 1000] [--appendfsync always] [--phases saturation,rate]
+                                 [--no-lean-submit]
 
 What it runs, all on 127.0.0.1: a redis-server it starts itself (``eventflow.embedded.EmbeddedServer``,
 AOF on, ``appendfsync always`` by default, as ``eventflow up`` and the chart run it), bootstrapped; the
@@ -202,6 +203,8 @@ def main() -> int:
     parser.add_argument("--appendfsync", default="always", choices=["always", "everysec", "no"],
                         help="Redis AOF fsync policy (default always, as deployed)")
     parser.add_argument("--phases", default="saturation,rate", help="comma-separated: saturation, rate")
+    parser.add_argument("--no-lean-submit", action="store_true",
+                        help="serve POST /v1/ndvi/jobs through FastAPI (EVENTFLOW_INGEST__LEAN_SUBMIT=false), for A/B")
     args = parser.parse_args()
 
     from redis.asyncio import Redis
@@ -215,7 +218,7 @@ def main() -> int:
         port = free_port()
         settings = load_settings(
             redis={"url": redis_server.url}, ingest={"port": port, "tokens": {TOKEN: "bench"},
-                                                    "max_backlog": 10_000_000},
+                                                    "max_backlog": 10_000_000, "lean_submit": not args.no_lean_submit},
             ndvi={"data_roots": [str(SAMPLE.parent)]}, metrics={"enabled": False}, log={"level": "WARNING"})
 
         async def reset() -> None:
@@ -240,7 +243,8 @@ def main() -> int:
             import httpx
 
             loop_impl = httpx.get(f"{url}/healthz").headers.get("server", "")
-            print(f"ingest: {args.workers} uvicorn worker(s) {loop_impl}; clients: {args.client_procs} process(es); "
+            print(f"ingest: {args.workers} uvicorn worker(s) {loop_impl}, submit via "
+                  f"{'FastAPI' if args.no_lean_submit else 'LeanSubmit'}; clients: {args.client_procs} process(es); "
                   f"redis {redis_server.kind}-server appendfsync {args.appendfsync}; {os.cpu_count()} CPUs",
                   flush=True)
             procs = args.client_procs

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from eventflow.contract import JobState, NdviJobRequest, StreamEntry, new_job_id, new_trace_id, now_ms
+from eventflow.hashing import request_hash as hash_request
 from eventflow.inputs import vet_href
 from eventflow.redis.functions import Functions
 from eventflow.settings import EventflowSettings
@@ -74,9 +75,10 @@ async def admit_job(
     """
     for field, href in request.hrefs():
         vet_href(field, href, settings.ndvi)
-    request_hash = request.hash_for(tenant)
+    payload = request.normalized()  # once: it is both hashed and carried (request.hash_for normalizes again)
+    request_hash = hash_request(tenant, payload)
     entry = StreamEntry(job_id=job_id or new_job_id(), request_hash=request_hash, tenant=tenant,
-                        enqueued_at_ms=now_ms(), trace_id=trace_id or new_trace_id(), payload=request.normalized())
+                        enqueued_at_ms=now_ms(), trace_id=trace_id or new_trace_id(), payload=payload)
     submitted = await functions.submit_job(
         job_id=entry.job_id, request_hash=request_hash, tenant=tenant, entry_fields=entry.to_fields(),
         max_backlog=settings.ingest.max_backlog, idempotency_key=idempotency_key,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -419,12 +419,13 @@ def now_ms() -> int:
 
 def new_job_id() -> str:
     """A fresh job id: sortable by time (ms prefix) and unique (random suffix)."""
-    return f"j{now_ms():013x}{uuid.uuid4().hex[:12]}"
+    # 48 random bits, as the first 12 hex digits of a uuid4 were, without building a UUID per request.
+    return f"j{now_ms():013x}{os.urandom(6).hex()}"
 
 
 def new_trace_id() -> str:
     """A W3C-compatible 32-hex trace id."""
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _short(exc: BaseException) -> str:

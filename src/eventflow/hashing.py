@@ -10,7 +10,19 @@ from typing import Any
 
 def _normalize(value: Any) -> Any:
     # Integral floats become ints so ``1`` and ``1.0`` hash alike; JSON has one number type.
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    # Exact types first: every request is hashed, and its values are plain JSON types (model_dump(mode="json")),
+    # for which these answer as the isinstance chain below does (is_integer() is False for inf and nan).
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {k if type(k) is str else str(k): _normalize(v) for k, v in value.items()}
+    if kind is float:
+        return int(value) if value.is_integer() else value
+    if kind is list:
+        return [_normalize(v) for v in value]
+    # Subclasses (str enums, int enums) and tuples.
+    if isinstance(value, bool) or isinstance(value, str):
         return value
     if isinstance(value, float):
         if math.isfinite(value) and value.is_integer():

@@ -148,3 +148,32 @@ def verify(token: str, keys: Mapping[str, str], now_s: float | None = None) -> C
     if (time.time() if now_s is None else now_s) >= exp:
         raise TokenExpired(f"token expired at {exp} (Unix seconds)")
     return Claims(tenant=tenant, exp=exp, scope=Scope(scope))
+
+
+class VerifiedTokens:
+    """Remembers tokens that passed :func:`verify`, so a client's next request skips the HMAC and decoding.
+
+    A token is immutable and signed as a whole, so the same string verifies the same way again against the
+    same keys; only expiry depends on the clock, and it is checked on every use. Entries are keyed by the
+    token's SHA-256 digest (no secret-dependent comparison on the token itself). Rejected tokens are never
+    stored; at ``max_entries`` the memory is dropped and refills from live clients.
+    """
+
+    def __init__(self, keys: Mapping[str, str], max_entries: int = 10_000) -> None:
+        self.keys = keys
+        self.max_entries = max_entries
+        self._claims: dict[bytes, Claims] = {}
+
+    def verify(self, token: str, now_s: float | None = None) -> Claims:
+        """As :func:`verify` with this object's keys."""
+        digest = hashlib.sha256(token.encode()).digest()
+        claims = self._claims.get(digest)
+        if claims is None:
+            claims = verify(token, self.keys, now_s)
+            if len(self._claims) >= self.max_entries:
+                self._claims.clear()
+            self._claims[digest] = claims
+        elif (time.time() if now_s is None else now_s) >= claims.exp:
+            del self._claims[digest]
+            raise TokenExpired(f"token expired at {claims.exp} (Unix seconds)")
+        return claims

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from typing import Any
 
@@ -11,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from eventflow.contract import SCHEMA_VERSION, NdviJobRequest, StreamEntry
+from eventflow import hashing
+from eventflow.contract import SCHEMA_VERSION, JobState, NdviJobRequest, Sensor, StreamEntry
 from eventflow.errors import PoisonMessage
 from eventflow.hashing import canonical_json, request_hash
 
@@ -113,3 +115,28 @@ def test_bad_entries_are_poison_not_crashes(mutate: Any) -> None:
     mutate(fields)
     with pytest.raises(PoisonMessage):
         StreamEntry.from_fields(fields)
+
+
+def _reference_normalize(value: Any) -> Any:
+    """eventflow.hashing._normalize before its exact-type fast path (the canonical form must not move)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _reference_normalize(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_reference_normalize(v) for v in value]
+    raise TypeError(type(value).__name__)
+
+
+@given(st.recursive(json_scalars | st.floats() | st.sampled_from([Sensor.landsat8, JobState.queued, 2.0, -0.0, 1e300]),
+                    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+                    | st.dictionaries(st.text(max_size=6) | st.integers(-5, 5), inner, max_size=4), max_leaves=20))
+def test_canonical_form_is_unchanged(value: Any) -> None:
+    expected = json.dumps(_reference_normalize(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=True)
+    assert json.dumps(hashing._normalize(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=True) == expected

@@ -114,3 +114,38 @@ def test_weak_or_misnamed_keys_are_refused_at_start(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("EVENTFLOW_INGEST__HMAC_KEYS", json.dumps({"k.1": "a" * 32}))
     assert main(["token", "--key-id", "k.1", "--tenant", "acme"]) == 2
     assert "key id 'k.1'" in capsys.readouterr().err
+
+
+def test_verified_tokens_remember_good_tokens_and_still_expire_them() -> None:
+    cache = tokens.VerifiedTokens(KEYS)
+    token = tokens.mint(KEYS, "k1", "acme", 60, Scope.read, now_s=NOW)
+    first = cache.verify(token, now_s=NOW)
+    assert cache.verify(token, now_s=NOW + 59) == first == tokens.verify(token, KEYS, now_s=NOW)
+    with pytest.raises(tokens.TokenExpired):
+        cache.verify(token, now_s=NOW + 60)
+    with pytest.raises(tokens.TokenExpired):  # forgotten, then refused again by the full check
+        cache.verify(token, now_s=NOW + 61)
+
+
+@given(st.integers(0, 200), st.sampled_from("AZaz09-_."))
+def test_verified_tokens_refuse_what_verify_refuses(position: int, replacement: str) -> None:
+    cache = tokens.VerifiedTokens(KEYS)
+    token = tokens.mint(KEYS, "k1", "acme", 60, now_s=NOW)
+    cache.verify(token, now_s=NOW)  # the genuine token is remembered; a near miss must not ride on it
+    position %= len(token)
+    altered = token[:position] + replacement + token[position + 1:]
+    if altered == token:
+        return
+    with pytest.raises(tokens.TokenRejected):
+        cache.verify(altered, now_s=NOW)
+    with pytest.raises(tokens.TokenRejected):  # and a rejection is not remembered as anything
+        cache.verify(altered, now_s=NOW)
+
+
+def test_verified_tokens_forget_everything_when_full() -> None:
+    cache = tokens.VerifiedTokens(KEYS, max_entries=2)
+    minted = [tokens.mint(KEYS, "k1", f"tenant-{i}", 60, now_s=NOW) for i in range(5)]
+    for token in minted:
+        cache.verify(token, now_s=NOW)
+        assert len(cache._claims) <= 2
+    assert [cache.verify(t, now_s=NOW).tenant for t in minted] == [f"tenant-{i}" for i in range(5)]

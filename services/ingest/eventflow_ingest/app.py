@@ -10,12 +10,13 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from eventflow import __version__
+from eventflow import __version__, tokens
 from eventflow.errors import ConfigError
 from eventflow.metrics import IngestMetrics
 from eventflow.redis.client import connect, functions_for, keys_for
 from eventflow.settings import EventflowSettings
 from eventflow_ingest import errors, routes
+from eventflow_ingest.submit import SUBMIT_PATH, LeanSubmit, body_problem, media_type, reply
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,12 @@ class BodyGuard:
         ctype = length = None
         for name, value in scope.get("headers", []):
             if name == b"content-type":
-                ctype = value.decode("latin-1").split(";")[0].strip().lower()
+                ctype = media_type(value)
             elif name == b"content-length":
                 length = value.decode("latin-1")
-        if ctype != "application/json":
-            await _reply(send, 415, "unsupported_media_type", "Content-Type must be application/json",
-                         "Content-Type")
-            return
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await _reply(send, 413, "body_too_large", f"body larger than {self.max_body_bytes} bytes", None)
+        problem = body_problem(ctype, length, self.max_body_bytes)
+        if problem is not None:
+            await reply(send, *problem)
             return
         seen = 0
         too_big = False
@@ -67,23 +65,32 @@ class BodyGuard:
         try:
             await self.app(scope, counted, send)
         except _BodyTooLarge:
-            await _reply(send, 413, "body_too_large", f"body larger than {self.max_body_bytes} bytes", None)
+            await reply(send, 413, "body_too_large", f"body larger than {self.max_body_bytes} bytes", None)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _reply(send: Send, status: int, error: str, message: str, field: str | None) -> None:
-    import json
+class IngestApp(FastAPI):
+    """The FastAPI app, with ``POST /v1/ndvi/jobs`` answered by :class:`LeanSubmit` ahead of its middleware."""
 
-    payload = json.dumps(errors.body(error, message, field)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
+    #: None: every request goes through FastAPI (EVENTFLOW_INGEST__LEAN_SUBMIT=false).
+    lean_submit: LeanSubmit | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route the submit operation to the lean handler, everything else to FastAPI."""
+        # Exact path only, and no root_path (whose stripping is Starlette's business): anything else,
+        # a trailing slash included, gets FastAPI's answer.
+        if (self.lean_submit is not None and scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"] == SUBMIT_PATH and not scope.get("root_path")):
+            scope["app"] = self
+            await self.lean_submit(scope, receive, send, super().__call__)
+            return
+        await super().__call__(scope, receive, send)
 
 
-def create_app(settings: EventflowSettings) -> FastAPI:
+def create_app(settings: EventflowSettings) -> IngestApp:
     """The ingest application for these settings."""
 
     @asynccontextmanager
@@ -97,7 +104,7 @@ def create_app(settings: EventflowSettings) -> FastAPI:
         finally:
             await redis.aclose()
 
-    app = FastAPI(
+    app = IngestApp(
         title="EventFlow ingest",
         version=__version__,
         description="Admission of NDVI jobs into the EventFlow job stream. See docs/api.md.",
@@ -110,6 +117,9 @@ def create_app(settings: EventflowSettings) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = IngestMetrics(registry)
+    app.state.signed_tokens = tokens.VerifiedTokens(settings.ingest.hmac_keys)
+    if settings.ingest.lean_submit:
+        app.lean_submit = LeanSubmit(app.state, settings.ingest.max_body_bytes, settings.ingest.retry_after_s)
     errors.install(app, settings.ingest.retry_after_s)
     app.include_router(routes.jobs_router)
     app.include_router(routes.health_router)

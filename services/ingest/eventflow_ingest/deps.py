@@ -11,7 +11,7 @@ from eventflow import tokens
 from eventflow.keys import Keys
 from eventflow.metrics import IngestMetrics
 from eventflow.redis.functions import Functions
-from eventflow.settings import EventflowSettings
+from eventflow.settings import EventflowSettings, IngestSettings
 from eventflow_ingest.errors import ApiError
 
 
@@ -41,24 +41,27 @@ def _unauthorized(error: str, message: str, challenge: str = "Bearer") -> ApiErr
     return ApiError(401, error, message, "Authorization", {"WWW-Authenticate": challenge})
 
 
-async def _tenant(request: Request) -> str:
-    ingest = request.app.state.settings.ingest
+def authenticate(ingest: IngestSettings, authorization: str, method: str, signed: tokens.VerifiedTokens) -> str:
+    """The tenant of the request's bearer token; ApiError 401 (no, unknown or bad token) or 403 (read scope).
+
+    ``authorization`` is the raw Authorization header ("" when absent). Shared by the FastAPI dependency
+    and the lean submit handler (eventflow_ingest.submit), so both answer alike.
+    """
     if not ingest.tokens and not ingest.hmac_keys:
         if ingest.allow_anonymous:
             return "default"
         raise _unauthorized("unauthorized", "no tokens configured and anonymous access is off")
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
+    scheme, _, presented = authorization.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise _unauthorized("unauthorized", "a bearer token is required")
     if ingest.hmac_keys and tokens.is_signed(presented):
         try:
-            claims = tokens.verify(presented, ingest.hmac_keys)
+            claims = signed.verify(presented)
         except tokens.TokenRejected as exc:
             raise _unauthorized(exc.reason, f"bearer token rejected: {exc}", 'Bearer error="invalid_token"') from None
         # Authenticated but not allowed to change anything: 403, so the client does not retry with the same token.
-        if claims.scope is tokens.Scope.read and request.method not in _SAFE_METHODS:
-            raise ApiError(403, "insufficient_scope", f"a {claims.scope} token cannot {request.method} this resource",
+        if claims.scope is tokens.Scope.read and method not in _SAFE_METHODS:
+            raise ApiError(403, "insufficient_scope", f"a {claims.scope} token cannot {method} this resource",
                            "Authorization", {"WWW-Authenticate": 'Bearer error="insufficient_scope"'})
         return claims.tenant
     tenant = None
@@ -69,6 +72,12 @@ async def _tenant(request: Request) -> str:
     if tenant is None:
         raise _unauthorized("unauthorized", "unknown bearer token")
     return tenant
+
+
+async def _tenant(request: Request) -> str:
+    state = request.app.state
+    return authenticate(state.settings.ingest, request.headers.get("authorization", ""), request.method,
+                        state.signed_tokens)
 
 
 SettingsDep = Annotated[EventflowSettings, Depends(_settings)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,13 +36,82 @@ def body(error: str, message: str, field: str | None = None, **extra: Any) -> di
     return {"error": error, "message": message, "field": field, **extra}
 
 
+def _api(exc: ApiError, _: dict[str, str]) -> JSONResponse:
+    return JSONResponse(body(exc.error, exc.message, exc.field), exc.status, headers=exc.headers)
+
+
+def _input(exc: InputRejected, _: dict[str, str]) -> JSONResponse:
+    return JSONResponse(body("input_not_allowed", f"{exc.field}: {exc}", exc.field), 422)
+
+
+def _backpressure(exc: Backpressure, retry: dict[str, str]) -> JSONResponse:
+    return JSONResponse(body("backlog_full", str(exc)), 429, headers=retry)
+
+
+def _conflict(exc: IdempotencyConflict, _: dict[str, str]) -> JSONResponse:
+    return JSONResponse(body("idempotency_conflict", str(exc), "Idempotency-Key"), 422)
+
+
+def _not_ready(exc: Exception, retry: dict[str, str]) -> JSONResponse:
+    log.error("redis not ready: %s", exc)
+    return JSONResponse(body("not_ready", str(exc)), 503, headers=retry)
+
+
+def _unreachable(exc: Exception, retry: dict[str, str]) -> JSONResponse:
+    log.warning("redis unreachable: %s", exc)
+    return JSONResponse(body("redis_unavailable", "the job store is unreachable; retry later"), 503, headers=retry)
+
+
+def _response(exc: ResponseError, retry: dict[str, str]) -> JSONResponse:
+    text = str(exc)
+    if text.startswith(("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")):
+        log.warning("redis refused the write: %s", text)
+        return JSONResponse(body("redis_refused", text.split(" ", 1)[0]), 503, headers=retry)
+    if "function not found" in text.lower():
+        # The library is gone (FUNCTION FLUSH, or a server restored without it): like a missing epoch,
+        # the store is not bootstrapped -- an operator's fix, not a bug in the request.
+        log.error("redis not ready: %s", text)
+        return JSONResponse(body("not_ready", "the Redis Function library is not loaded; run `eventflow "
+                                 "bootstrap`"), 503, headers=retry)
+    log.exception("unexpected redis error")
+    return JSONResponse(body("internal", "unexpected store error"), 500)
+
+
+#: Exception class -> answer (given the Retry-After header). Looked up along the exception's MRO, as
+#: Starlette does, by both the FastAPI handlers and the lean submit handler.
+_TABLE: dict[type[Exception], Callable[[Any, dict[str, str]], JSONResponse]] = {
+    ApiError: _api,
+    InputRejected: _input,
+    Backpressure: _backpressure,
+    IdempotencyConflict: _conflict,
+    EpochMismatch: _not_ready,
+    GroupMissing: _not_ready,
+    LibraryMismatch: _not_ready,
+    RedisConnectionError: _unreachable,
+    RedisTimeoutError: _unreachable,
+    ResponseError: _response,
+}
+
+
+def error_response(exc: Exception, retry_after_s: int) -> JSONResponse | None:
+    """The answer for an exception from the table, or None for one it does not know (a 500)."""
+    for cls in type(exc).__mro__:
+        handler = _TABLE.get(cls)
+        if handler is not None:
+            return handler(exc, {"Retry-After": str(retry_after_s)})
+    return None
+
+
 def install(app: FastAPI, retry_after_s: int) -> None:
     """Register the exception → response table on the app."""
-    retry = {"Retry-After": str(retry_after_s)}
 
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(body(exc.error, exc.message, exc.field), exc.status, headers=exc.headers)
+    async def _table(_: Request, exc: Exception) -> JSONResponse:
+        response = error_response(exc, retry_after_s)
+        assert response is not None  # registered only for the table's classes
+        return response
+
+    for cls in _TABLE:
+        app.add_exception_handler(cls, _table)
 
     @app.exception_handler(StarletteHTTPException)
     async def _framework(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -66,44 +136,3 @@ def install(app: FastAPI, retry_after_s: int) -> None:
                     "message": e.get("msg", "")} for e in errors[:20]]
         return JSONResponse(body("invalid_request", f"{field or 'body'}: {first.get('msg')}", field,
                                  details=details), 422)
-
-    @app.exception_handler(InputRejected)
-    async def _input(_: Request, exc: InputRejected) -> JSONResponse:
-        return JSONResponse(body("input_not_allowed", f"{exc.field}: {exc}", exc.field), 422)
-
-    @app.exception_handler(Backpressure)
-    async def _backpressure(_: Request, exc: Backpressure) -> JSONResponse:
-        return JSONResponse(body("backlog_full", str(exc)), 429, headers=retry)
-
-    @app.exception_handler(IdempotencyConflict)
-    async def _conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
-        return JSONResponse(body("idempotency_conflict", str(exc), "Idempotency-Key"), 422)
-
-    @app.exception_handler(EpochMismatch)
-    @app.exception_handler(GroupMissing)
-    @app.exception_handler(LibraryMismatch)
-    async def _not_ready(_: Request, exc: Exception) -> JSONResponse:
-        log.error("redis not ready: %s", exc)
-        return JSONResponse(body("not_ready", str(exc)), 503, headers=retry)
-
-    @app.exception_handler(RedisConnectionError)
-    @app.exception_handler(RedisTimeoutError)
-    async def _unreachable(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis unreachable: %s", exc)
-        return JSONResponse(body("redis_unavailable", "the job store is unreachable; retry later"), 503,
-                            headers=retry)
-
-    @app.exception_handler(ResponseError)
-    async def _response(_: Request, exc: ResponseError) -> JSONResponse:
-        text = str(exc)
-        if text.startswith(("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")):
-            log.warning("redis refused the write: %s", text)
-            return JSONResponse(body("redis_refused", text.split(" ", 1)[0]), 503, headers=retry)
-        if "function not found" in text.lower():
-            # The library is gone (FUNCTION FLUSH, or a server restored without it): like a missing epoch,
-            # the store is not bootstrapped -- an operator's fix, not a bug in the request.
-            log.error("redis not ready: %s", text)
-            return JSONResponse(body("not_ready", "the Redis Function library is not loaded; run `eventflow "
-                                     "bootstrap`"), 503, headers=retry)
-        log.exception("unexpected redis error")
-        return JSONResponse(body("internal", "unexpected store error"), 500)

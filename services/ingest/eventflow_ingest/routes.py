@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -12,13 +11,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from eventflow import __version__
-from eventflow.admission import admit_job
 from eventflow.contract import JobState, JobView, NdviJobRequest, SubmitResponse
 from eventflow.errors import EventflowError
-from eventflow.inputs import InputRejected
 from eventflow.redis.client import check_ready, server_facts
-from eventflow_ingest.deps import FunctionsDep, KeysDep, MetricsDep, SettingsDep, TenantDep
+from eventflow_ingest.deps import FunctionsDep, KeysDep, SettingsDep, TenantDep
 from eventflow_ingest.errors import ApiError
+from eventflow_ingest.submit import submit
 
 jobs_router = APIRouter(prefix="/v1/ndvi/jobs", tags=["jobs"])
 health_router = APIRouter(tags=["health"])
@@ -43,32 +41,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def submit_job(
     job: NdviJobRequest,
+    request: Request,
     response: Response,
-    settings: SettingsDep,
-    functions: FunctionsDep,
-    metrics: MetricsDep,
     tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> SubmitResponse:
     """Accept an NDVI job: 202 once it is durably on the stream, 200 with the existing job if a duplicate."""
-    started = time.perf_counter()
-    try:
-        admitted = await admit_job(functions, settings, job, tenant, idempotency_key=idempotency_key)
-    except InputRejected:
-        raise  # a 422 naming the field: a bad request, not a rejection counted by reason
-    except Exception as exc:
-        metrics.rejected.labels(reason=type(exc).__name__).inc()
-        raise
-    response.headers["Location"] = f"/v1/ndvi/jobs/{admitted.job_id}"
-    if admitted.created:
-        metrics.accepted.inc()
-    else:
-        metrics.duplicates.inc()
-        response.status_code = 200
-    metrics.latency.observe(time.perf_counter() - started)
-    metrics.requests.labels(route="submit", code=str(response.status_code)).inc()
-    return SubmitResponse(job_id=admitted.job_id, request_hash=admitted.request_hash, status=admitted.state,
-                          duplicate=not admitted.created)
+    # A request that passes every check is normally answered by eventflow_ingest.submit.LeanSubmit before it
+    # gets here; this route serves the rest (and all of them with EVENTFLOW_INGEST__LEAN_SUBMIT=false).
+    status, answer, location = await submit(request.app.state, job, tenant, idempotency_key)
+    response.headers["Location"] = location
+    response.status_code = status
+    return answer
 
 
 async def _load(functions: FunctionsDep, keys: KeysDep, job_id: str, tenant: str) -> JobView:

@@ -161,7 +161,12 @@ class NdviJobRequest(_Strict):
             raise ValueError("features must be a list")
         if len(features) > MAX_FIELD_FEATURES:
             raise ValueError(f"at most {MAX_FIELD_FEATURES} features")
-        if len(json.dumps(value)) > MAX_GEOJSON_BYTES:
+        try:
+            # NaN / Infinity literals (which Python's JSON parser accepts) are not JSON and no coordinate.
+            size = len(json.dumps(value, allow_nan=False))
+        except ValueError:
+            raise ValueError("GeoJSON must not contain NaN or Infinity") from None
+        if size > MAX_GEOJSON_BYTES:
             raise ValueError(f"GeoJSON larger than {MAX_GEOJSON_BYTES} bytes")
         for i, feature in enumerate(features):
             if not isinstance(feature, dict) or feature.get("type") != "Feature":

@@ -122,6 +122,22 @@ async def test_bad_input_is_422_naming_the_field_and_writes_nothing(api: Any, re
     assert await snapshot(redis, keys) == before
 
 
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_in_geojson_is_422_not_500(api: Any, redis: Redis, keys: Keys, literal: str) -> None:
+    """Python's JSON parser accepts NaN / Infinity; they must end as a 422 on `fields`, not in the hash step."""
+    client = await api()
+    ring = [[0, 0], [1, 0], [1, 1], [0, 0]]
+    fields = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
+    raw = json.dumps(body(fields=fields)).replace("[1, 1]", f"[1, {literal}]", 1)
+    assert literal in raw
+    before = await snapshot(redis, keys)
+    reply = await client.post("/v1/ndvi/jobs", content=raw, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["field"].startswith("fields"), reply.json()
+    assert await snapshot(redis, keys) == before
+
+
 async def test_symlink_escape_is_rejected(api: Any, redis: Redis, keys: Keys, tmp_path: Path) -> None:
     client = await api()
     link = tmp_path / "escape.tif"

@@ -44,9 +44,10 @@ def connect(settings: EventflowSettings) -> Redis:
     )
 
 
-def functions_for(redis: Redis, settings: EventflowSettings) -> Functions:
-    """The Function wrappers bound to this client and the configured key layout."""
-    return Functions(redis, keys_for(settings), settings.streams.event_stream_maxlen)
+def functions_for(redis: Redis, settings: EventflowSettings, *, batch: bool = False) -> Functions:
+    """The Function wrappers bound to this client and the configured key layout (``batch``: calls issued
+    in the same loop turn share one pipeline, see :class:`eventflow.redis.functions.CallBatcher`)."""
+    return Functions(redis, keys_for(settings), settings.streams.event_stream_maxlen, batch=batch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from eventflow.contract import StreamEntry, now_ms
 from eventflow.errors import DEPENDENCIES, LostLease, PoisonMessage
 from eventflow.metrics import BREAKER_LEVEL, ConsumerMetrics
 from eventflow.redis.client import EXIT_WIPED, check_ready, epoch_problem, functions_for, keys_for
-from eventflow.redis.functions import CommitAck, NotOwner
+from eventflow.redis.functions import BreakerDecision, CommitAck, NotOwner
 from eventflow.settings import EventflowSettings
 from eventflow_consumer.execution import (
     JobFailed,
@@ -168,15 +168,19 @@ class Worker:
     async def _read_loop(self) -> None:
         next_rescan = 0.0
         stop_wait = asyncio.create_task(self.stopping.wait())
+        # The breakers' "go" from the check after the last read, when nothing has waited since: the next
+        # read is gated on it instead of on a second, back-to-back check (one round trip per read, not two).
+        fresh: BreakerDecision | None = None
         try:
             while not self.stopping.is_set():
                 free = self.cfg.concurrency - len(self.in_flight)
                 if free <= 0:
+                    fresh = None
                     # One future for "a slot freed", not a wait on every in-flight task (O(concurrency) per wake).
                     self.slot_waiter = asyncio.get_running_loop().create_future()
                     await asyncio.wait([stop_wait, self.slot_waiter], return_when=asyncio.FIRST_COMPLETED)
                     continue
-                free = await self._gate(free)
+                free, fresh = await self._gate(free, fresh), None
                 if free <= 0:
                     continue
                 if time.monotonic() >= next_rescan and not self.probe_armed:
@@ -200,11 +204,13 @@ class Worker:
                     log.warning("read failed: %s", exc, extra={"consumer": self.name})
                     await asyncio.sleep(0.5)
                     continue
-                if reply and not self.probe_armed and not await self._may_start():
-                    # A breaker opened while this read was blocked: leave what it delivered pending here
-                    # (no delivery burnt by a doomed run); the own-pending scan starts it once it closes.
-                    next_rescan = 0.0
-                    continue
+                if reply and not self.probe_armed:
+                    fresh = await self._may_start()
+                    if fresh is not None and fresh.decision != "go":
+                        # A breaker opened while this read was blocked: leave what it delivered pending here
+                        # (no delivery burnt by a doomed run); the own-pending scan starts it once it closes.
+                        next_rescan, fresh = 0.0, None
+                        continue
                 for _stream, entries in reply or []:
                     for entry_id, fields in entries:
                         self._spawn(entry_id, fields)
@@ -432,14 +438,20 @@ class Worker:
                 with contextlib.suppress(RedisError):
                     await asyncio.shield(f.release_lease(entry.request_hash, token))
 
-    async def _gate(self, free: int) -> int:
-        """How many jobs may start now: `free` (breakers closed), 1 (a probe), or 0 after waiting (open)."""
+    async def _gate(self, free: int, fresh: BreakerDecision | None = None) -> int:
+        """How many jobs may start now: `free` (breakers closed), 1 (a probe), or 0 after waiting (open).
+
+        `fresh` is a "go" decided just now (no wait since): used instead of asking again.
+        """
         if self.cfg.breaker_threshold == 0:
             return free
-        try:
-            d = await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
-        except RedisError:
-            return free  # the read that follows fails the same way and is handled there
+        if fresh is not None and fresh.decision == "go":
+            d = fresh
+        else:
+            try:
+                d = await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
+            except RedisError:
+                return free  # the read that follows fails the same way and is handled there
         for dependency, state in d.states.items():
             self.metrics.breaker_state.labels(dependency).set(BREAKER_LEVEL.get(state, 0))
         if any(state != "closed" for state in d.states.values()):
@@ -465,15 +477,15 @@ class Worker:
         self.metrics.breaker_waits.inc(seconds)
         return 0
 
-    async def _may_start(self) -> bool:
-        """After a read: True if the breakers still let work start."""
+    async def _may_start(self) -> BreakerDecision | None:
+        """After a read: the breakers' decision (work may start if it is "go"); None if there are no breakers
+        or Redis did not answer (the jobs' own calls then fail the same way)."""
         if self.cfg.breaker_threshold == 0:
-            return True
+            return None
         try:
-            d = await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
+            return await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
         except RedisError:
-            return True
-        return d.decision == "go"
+            return None
 
     async def _report_dependencies(self, entry_id: str, failed: str | None, verdict: str, message: str = "",
                                    probe: bool = False) -> None:
@@ -644,4 +656,4 @@ def run(settings: EventflowSettings) -> int:
     """Entry point used by ``eventflow consumer``: connect, serve until SIGTERM, close."""
     from eventflow.redis.client import run_with_redis
 
-    return run_with_redis(settings, serve)
+    return run_with_redis(settings, serve, fast_loop=True)

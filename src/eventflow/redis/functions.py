@@ -117,10 +117,16 @@ class CallBatcher:
 
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for args, _ in batch:
-                    pipe.fcall(*args)
-                replies = await pipe.execute(raise_on_error=False)
+            if len(batch) == 1:  # a lone call (a quiet stream): skip the pipeline's own overhead
+                try:
+                    replies = [await self.redis.fcall(*batch[0][0])]
+                except ResponseError as exc:
+                    replies = [exc]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for args, _ in batch:
+                        pipe.fcall(*args)
+                    replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:
             for _, future in batch:
                 if future.done():

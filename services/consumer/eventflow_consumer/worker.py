@@ -363,11 +363,13 @@ class Worker:
             output_dir = self.settings.ndvi.output_root / entry.tenant / entry.request_hash
             if handler is not None and runs_on_event_loop(handler):
                 result = run_on_loop(handler, entry, self.settings.ndvi, output_dir, fence, progress, stop)
-            elif handler is None or (self.cfg.isolation == "process" and entry.job_type not in self.inline_handlers):
+            elif self.cfg.isolation == "process" and entry.job_type not in self.inline_handlers:
                 spec = JobSpec(fields=fields, handler_ref=self.cfg.handlers.get(entry.job_type.value),
                                ndvi=self.settings.ndvi.model_dump(mode="json"), output_dir=str(output_dir),
                                fence=fence, memory_bytes=self.cfg.job_memory_mb * 1024 * 1024)
                 result = await run_in_process(spec, progress, self.cfg.job_timeout_s, stop)
+            elif handler is None:  # a handler override this process cannot import: a deployment error
+                raise JobFailed("handler_unavailable", False, f"no importable handler for {entry.job_type.value}")
             else:
                 result = await run_in_thread(self.pool, handler, entry, self.settings.ndvi, output_dir, fence,
                                              progress, self.cfg.job_timeout_s, stop)

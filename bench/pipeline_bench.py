@@ -92,8 +92,9 @@ async def raw_streams(url: str, n: int, readers: int) -> dict[str, float]:
     return {"xadd_per_s": n / xadd_s, "read_ack_per_s": sum(counts) / read_s}
 
 
-async def raw_round_trip(url: str, samples: int = 2000) -> float:
-    """Median seconds for XADD -> XREADGROUP -> XACK of one entry, one at a time (the stream's own latency)."""
+async def raw_round_trip(url: str, samples: int = 2000) -> tuple[float, float]:
+    """Median and p99 seconds for XADD -> XREADGROUP -> XACK of one entry, one at a time (the stream's own
+    latency; its p99 shows how much of the protocol's tail this box's scheduling adds by itself)."""
     from redis.asyncio import Redis
 
     r = Redis.from_url(url, decode_responses=True)
@@ -107,7 +108,7 @@ async def raw_round_trip(url: str, samples: int = 2000) -> float:
         await r.xack("rt", "g", reply[0][1][0][0])
         times.append(time.perf_counter() - t0)
     await r.aclose()
-    return statistics.median(times)
+    return statistics.median(times), pct(times, 0.99)
 
 
 def consumer_env(url: str, concurrency: int, output_root: Path, handler_mode: str = "loop") -> dict[str, str]:
@@ -258,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"server: {server.kind} {server.binary}, appendfsync={args.appendfsync}, cpus={os.cpu_count()}, "
                   f"handler={args.handler}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-            rt = asyncio.run(raw_round_trip(server.url))
-            print(f"raw stream round trip (XADD+XREADGROUP+XACK, one at a time): median {rt * 1000:.3f} ms")
+            rt, rt_p99 = asyncio.run(raw_round_trip(server.url))
+            print(f"raw stream round trip (XADD+XREADGROUP+XACK, one at a time): median {rt * 1000:.3f} ms, "
+                  f"p99 {rt_p99 * 1000:.3f} ms")
             for n in counts:
                 raw = asyncio.run(raw_streams(server.url, args.jobs, n))
                 print(f"raw streams, {n} reader(s): XADD {raw['xadd_per_s']:,.0f}/s pipelined; "

@@ -474,6 +474,10 @@ class Worker:
             log.warning("circuit breaker open (%s): not pulling work; next check in %.1fs", d.states,
                         d.wait_ms / 1000, extra={"consumer": self.name})
             self.gated = True
+        if "half_open" in d.states.values():
+            # Another consumer's probe decides: look again soon, so this one resumes within 0.2 s of the
+            # breaker closing instead of up to a second later (while the prober alone drains the backlog).
+            wait_ms = min(wait_ms, 200)
         seconds = min(wait_ms / 1000, 1.0)
         await _wait_or_timeout(self.stopping, seconds)
         self.metrics.breaker_waits.inc(seconds)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -32,11 +33,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eventflow_consumer.handlers import on_event_loop
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@on_event_loop
 def handler(entry: Any, ctx: Any) -> dict[str, Any]:
-    """The no-op job: no I/O, returns at once (loaded by consumers as bench.pipeline_bench:handler)."""
+    """The no-op job: no I/O, returns at once (loaded by consumers as bench.pipeline_bench:handler).
+
+    Declared trivially short, so the consumer runs it on its event loop (``--handler loop``, the default).
+    """
+    return {"outputs": {}, "stats": {}}
+
+
+def thread_handler(entry: Any, ctx: Any) -> dict[str, Any]:
+    """The same no-op, undeclared: handed to a worker thread like any other handler (``--handler thread``)."""
     return {"outputs": {}, "stats": {}}
 
 
@@ -80,8 +92,9 @@ async def raw_streams(url: str, n: int, readers: int) -> dict[str, float]:
     return {"xadd_per_s": n / xadd_s, "read_ack_per_s": sum(counts) / read_s}
 
 
-async def raw_round_trip(url: str, samples: int = 2000) -> float:
-    """Median seconds for XADD -> XREADGROUP -> XACK of one entry, one at a time (the stream's own latency)."""
+async def raw_round_trip(url: str, samples: int = 2000) -> tuple[float, float]:
+    """Median and p99 seconds for XADD -> XREADGROUP -> XACK of one entry, one at a time (the stream's own
+    latency; its p99 shows how much of the protocol's tail this box's scheduling adds by itself)."""
     from redis.asyncio import Redis
 
     r = Redis.from_url(url, decode_responses=True)
@@ -95,10 +108,10 @@ async def raw_round_trip(url: str, samples: int = 2000) -> float:
         await r.xack("rt", "g", reply[0][1][0][0])
         times.append(time.perf_counter() - t0)
     await r.aclose()
-    return statistics.median(times)
+    return statistics.median(times), pct(times, 0.99)
 
 
-def consumer_env(url: str, concurrency: int, output_root: Path) -> dict[str, str]:
+def consumer_env(url: str, concurrency: int, output_root: Path, handler_mode: str = "loop") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTFLOW_")}
     env.update({
         "EVENTFLOW_REDIS__URL": url,
@@ -106,7 +119,8 @@ def consumer_env(url: str, concurrency: int, output_root: Path) -> dict[str, str
         "EVENTFLOW_CONSUMER__CONCURRENCY": str(concurrency),
         "EVENTFLOW_CONSUMER__BATCH_SIZE": "100",
         "EVENTFLOW_CONSUMER__BLOCK_MS": "100",
-        "EVENTFLOW_CONSUMER__HANDLERS": '{"ndvi": "bench.pipeline_bench:handler"}',
+        "EVENTFLOW_CONSUMER__HANDLERS": json.dumps(
+            {"ndvi": "bench.pipeline_bench:" + ("handler" if handler_mode == "loop" else "thread_handler")}),
         "EVENTFLOW_NDVI__OUTPUT_ROOT": str(output_root),
         "EVENTFLOW_METRICS__ENABLED": "false",
         "EVENTFLOW_LOG__LEVEL": "WARNING",
@@ -152,7 +166,7 @@ async def committed_at(redis: Any, keys: Any, hashes: list[str]) -> list[float |
 
 
 async def protocol(url: str, consumers: int, jobs: int, rate: int, rate_seconds: float, concurrency: int,
-                   work: Path) -> dict[str, float]:
+                   work: Path, handler_mode: str = "loop") -> dict[str, float]:
     from eventflow.keys import Keys
     from eventflow.redis.client import bootstrap, connect
     from eventflow.redis.functions import Functions
@@ -164,7 +178,7 @@ async def protocol(url: str, consumers: int, jobs: int, rate: int, rate_seconds:
     await redis.flushall()
     await bootstrap(redis, keys)
     functions = Functions(redis, keys)
-    env = consumer_env(url, concurrency, work / "out")
+    env = consumer_env(url, concurrency, work / "out", handler_mode)
     out: dict[str, float] = {}
 
     # Saturation: a backlog first, then the consumers drain it.
@@ -230,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=1000, help="offered jobs/s for the latency run")
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="duration of the latency run")
     parser.add_argument("--concurrency", type=int, default=64, help="jobs in flight per consumer process")
+    parser.add_argument("--handler", default="loop", choices=["loop", "thread"],
+                        help="the no-op declared on_event_loop (runs on the consumer's loop) or a plain one "
+                        "(handed to a worker thread, as before on_event_loop existed)")
     parser.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"],
                         help="the server's AOF fsync policy (the chart's default is everysec)")
     args = parser.parse_args(argv)
@@ -240,16 +257,18 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         server = EmbeddedServer(work / "redis", appendfsync=args.appendfsync).start()
         try:
-            print(f"server: {server.kind} {server.binary}, appendfsync={args.appendfsync}, cpus={os.cpu_count()}")
-            rt = asyncio.run(raw_round_trip(server.url))
-            print(f"raw stream round trip (XADD+XREADGROUP+XACK, one at a time): median {rt * 1000:.3f} ms")
+            print(f"server: {server.kind} {server.binary}, appendfsync={args.appendfsync}, cpus={os.cpu_count()}, "
+                  f"handler={args.handler}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+            rt, rt_p99 = asyncio.run(raw_round_trip(server.url))
+            print(f"raw stream round trip (XADD+XREADGROUP+XACK, one at a time): median {rt * 1000:.3f} ms, "
+                  f"p99 {rt_p99 * 1000:.3f} ms")
             for n in counts:
                 raw = asyncio.run(raw_streams(server.url, args.jobs, n))
                 print(f"raw streams, {n} reader(s): XADD {raw['xadd_per_s']:,.0f}/s pipelined; "
                       f"XREADGROUP+XACK {raw['read_ack_per_s']:,.0f} entries/s")
             for n in counts:
                 r = asyncio.run(protocol(server.url, n, args.jobs, args.rate, args.rate_seconds,
-                                         args.concurrency, work))
+                                         args.concurrency, work, args.handler))
                 print(f"protocol, {n} consumer process(es): {r['jobs_per_s']:,.0f} jobs/s at saturation "
                       f"(submit {r['submit_per_s']:,.0f}/s, startup {r['startup_s']:.1f}s); at "
                       f"{r['offered_per_s']:,.0f} jobs/s offered: p50 {r['lat_p50_ms']:.1f} ms, p90 "

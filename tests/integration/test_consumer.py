@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from eventflow_consumer.handlers import JobContext
+from eventflow_consumer.handlers import JobContext, on_event_loop
 from eventflow_consumer.worker import Worker
 from redis.asyncio import Redis
 
@@ -212,3 +212,34 @@ async def test_commit_then_crash_is_acked_on_redelivery_without_rerun(
     await task
     assert handler.calls[h] == 0
     assert await pending(redis, keys) == 0
+
+
+async def test_handler_declared_on_event_loop_runs_there_once_per_job(redis: Redis, settings: EventflowSettings,
+                                                                      functions: Functions, keys: Keys) -> None:
+    """A trivially short handler runs on the loop's thread (no hand-off), still through the whole protocol;
+    its permanent failure still goes to the DLQ. Isolation "process" applies to undeclared handlers only."""
+    jobs = await enqueue(functions, 30)
+    poisoned = jobs[7][1]
+    threads: set[int] = set()
+
+    def behaviour(entry: StreamEntry, _: JobContext) -> None:
+        threads.add(threading.get_ident())
+        if entry.request_hash == poisoned:
+            raise InputError("band 9 out of range")
+
+    handler = Recorder(behaviour)
+    w = worker(settings, redis, on_event_loop(handler), concurrency=8, block_ms=50, isolation="process")
+    task = asyncio.create_task(w.run())
+    await wait_for(lambda: w.processed == 30, 20)
+    w.stop()
+    assert await task == 0
+    assert threads == {threading.get_ident()}  # the test's loop thread: no worker thread, no child process
+    assert all(n == 1 for n in handler.calls.values()) and len(handler.calls) == 30
+    assert await pending(redis, keys) == 0
+    for job_id, h, _ in jobs:
+        state = await redis.hget(keys.job_state(job_id), "state")
+        assert state == ("dead_lettered" if h == poisoned else "succeeded")
+        assert bool(await redis.exists(keys.result(h))) is (h != poisoned)
+        assert not await redis.exists(keys.lease(h))
+    types = Counter(e[1]["type"] for e in await redis.xrange(keys.event_stream))
+    assert types["started"] == 30 and types["succeeded"] == 29 and types["dead_lettered"] == 1

@@ -11,7 +11,15 @@ from eventflow.contract import NdviJobRequest, StreamEntry, new_job_id, now_ms
 from eventflow.errors import EpochMismatch, LostLease
 from eventflow.keys import Keys
 from eventflow.redis.client import bootstrap
-from eventflow.redis.functions import Backpressure, Fenced, Functions, IdempotencyConflict, NotOwner, library_version
+from eventflow.redis.functions import (
+    Backpressure,
+    CommitAck,
+    Fenced,
+    Functions,
+    IdempotencyConflict,
+    NotOwner,
+    library_version,
+)
 
 REQ = {"farm_id": "farm-1", "inputs": {"href": "file:///tmp/x.tif", "red_band": 1, "nir_band": 2}}
 
@@ -169,6 +177,111 @@ async def test_ack_checks_owner_and_lease(functions: Functions, redis: Redis, ke
     assert await functions.ack_entry(sub.entry_id, "new", "h1", "tok")
     assert not await redis.exists(keys.lease("h1"))  # the owner's ack released the lease with it
     assert not await functions.ack_entry(sub.entry_id, "new", "h1", "tok")
+
+
+async def read_as(redis: Redis, keys: Keys, consumer: str, n: int) -> list[str]:
+    rows = await redis.xreadgroup(keys.group, consumer, {keys.job_stream: ">"}, count=n)
+    return [entry_id for _, entries in rows for entry_id, _ in entries]
+
+
+async def pending_for(redis: Redis, keys: Keys) -> dict[str, str]:
+    rows = await redis.xpending_range(keys.job_stream, keys.group, min="-", max="+", count=100)
+    return {row["message_id"]: row["consumer"] for row in rows}
+
+
+async def test_commit_and_ack_acks_only_what_it_committed(functions: Functions, redis: Redis, keys: Keys) -> None:
+    sub = await submit(functions)
+    h = NdviJobRequest.model_validate(REQ).hash_for("t")
+    [entry_id] = await read_as(redis, keys, "c1", 1)
+    zombie = await functions.acquire_lease(h, sub.job_id, "zombie", 100, {})
+    await asyncio.sleep(0.2)  # the zombie's lease expires while it is paused
+    fresh = await functions.acquire_lease(h, sub.job_id, "fresh", 10_000, {})
+    with pytest.raises(LostLease):
+        await functions.commit_and_ack(entry_id, "c1", h, sub.job_id, "zombie", zombie, '{"who":"zombie"}', {})
+    await redis.set(keys.lease(h), "zombie")  # even holding the lease token, an older fence is refused
+    with pytest.raises(Fenced):
+        await functions.commit_and_ack(entry_id, "c1", h, sub.job_id, "zombie", zombie, '{"who":"zombie"}', {})
+    assert not await redis.exists(keys.result(h))
+    assert await pending_for(redis, keys) == {entry_id: "c1"}  # a refused commit is never acked
+    assert await redis.get(keys.lease(h)) == "zombie"  # nor does it release the lease
+    await redis.set(keys.lease(h), "fresh")
+    done = await functions.commit_and_ack(entry_id, "c1", h, sub.job_id, "fresh", fresh, '{"who":"fresh"}', {})
+    assert done == CommitAck("committed", True, None)
+    assert await redis.hget(keys.result(h), "fence") == str(fresh)
+    assert await pending_for(redis, keys) == {}
+    assert not await redis.exists(keys.lease(h))
+    # A retry of the same call (reply lost) finds the result and nothing left to ack.
+    again = await functions.commit_and_ack(entry_id, "c1", h, sub.job_id, "fresh", fresh, "{}", {})
+    assert again == CommitAck("exists", False, None)
+    assert await redis.hget(keys.result(h), "json") == '{"who":"fresh"}'
+
+
+async def batch_of_three(functions: Functions, redis: Redis, keys: Keys,
+                         first: int = 0) -> list[tuple[str, str, str, int]]:
+    """Three submitted jobs read by consumer c1, each leased: (job id, hash, entry id, fence)."""
+    out = []
+    for i in range(first, first + 3):
+        body = {**REQ, "farm_id": f"farm-{i}"}
+        sub = await submit(functions, body)
+        out.append((sub.job_id, NdviJobRequest.model_validate(body).hash_for("t")))
+    entry_ids = await read_as(redis, keys, "c1", 3)
+    return [(job_id, h, entry_id, await functions.acquire_lease(h, job_id, f"tok-{h}", 10_000, {}))
+            for (job_id, h), entry_id in zip(out, entry_ids, strict=True)]
+
+
+def count_pipelines(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record each pipeline the client opens (to show a batch went out as one round trip)."""
+    opened: list[int] = []
+    real = redis.pipeline
+
+    def pipeline(*args: object, **kw: object):  # type: ignore[no-untyped-def]
+        opened.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(redis, "pipeline", pipeline)
+    return opened
+
+
+async def test_batched_commits_one_refused_is_not_acked_the_others_are(
+        functions: Functions, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = await batch_of_three(functions, redis, keys)
+    _, lost_hash, lost_entry, _ = jobs[1]
+    await redis.set(keys.lease(lost_hash), "someone-else")  # job 1's lease was lost while it ran
+    batched = Functions(redis, keys, batch=True)
+    opened = count_pipelines(redis, monkeypatch)
+    replies = await asyncio.gather(
+        *(batched.commit_and_ack(entry_id, "c1", h, job_id, f"tok-{h}", fence, f'{{"job":"{job_id}"}}', {})
+          for job_id, h, entry_id, fence in jobs), return_exceptions=True)
+    assert opened == [1]  # one round trip for the whole batch
+    assert replies[0] == CommitAck("committed", True, None) and replies[2] == CommitAck("committed", True, None)
+    assert isinstance(replies[1], LostLease)
+    assert await pending_for(redis, keys) == {lost_entry: "c1"}  # only the refused job is still pending
+    assert [bool(await redis.exists(keys.result(h))) for _, h, _, _ in jobs] == [True, False, True]
+    assert await redis.get(keys.lease(lost_hash)) == "someone-else"
+    assert await redis.hget(keys.job_state(jobs[1][0]), "state") == "running"
+
+
+async def test_batched_acks_refuse_entries_owned_by_another_consumer(
+        functions: Functions, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = await batch_of_three(functions, redis, keys)
+    taken = jobs[1][2]
+    await redis.xclaim(keys.job_stream, keys.group, "c2", 0, [taken])  # the reaper gave it to c2
+    batched = Functions(redis, keys, batch=True)
+    opened = count_pipelines(redis, monkeypatch)
+    replies = await asyncio.gather(
+        *(batched.commit_and_ack(entry_id, "c1", h, job_id, f"tok-{h}", fence, "{}", {})
+          for job_id, h, entry_id, fence in jobs))
+    assert opened == [1]
+    assert [r.acked for r in replies] == [True, False, True]
+    assert replies[1] == CommitAck("committed", False, "c2")  # committed under its lease, but not c1's to ack
+    assert await pending_for(redis, keys) == {taken: "c2"}
+    # The no-token acks (result already there, job cancelled) are batched and owner-checked the same way.
+    more = await batch_of_three(functions, redis, keys, first=3)
+    await redis.xclaim(keys.job_stream, keys.group, "c2", 0, [more[0][2]])
+    acks = await asyncio.gather(*(batched.ack_entry(entry_id, "c1", None, None) for _, _, entry_id, _ in more),
+                                return_exceptions=True)
+    assert isinstance(acks[0], NotOwner) and acks[1:] == [True, True]
+    assert await pending_for(redis, keys) == {taken: "c2", more[0][2]: "c2"}
 
 
 async def test_raw_xack_control_shows_the_hazard(functions: Functions, redis: Redis, keys: Keys) -> None:

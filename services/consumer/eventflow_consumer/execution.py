@@ -1,4 +1,5 @@
-"""Running one job's handler off the event loop: in a child process (default) or in a thread.
+"""Running one job's handler off the event loop: in a child process (default) or in a thread; or, for
+a handler declared trivially short (``handlers.on_event_loop``), on the loop itself.
 
 A child process gives what a thread cannot: a hard wall-clock timeout (the child is killed), a memory
 limit (RLIMIT_AS), and a crash that takes down only the job. Children come from a forkserver that
@@ -165,16 +166,15 @@ async def _terminate(proc: multiprocessing.process.BaseProcess, grace_s: float =
             os.kill(proc.pid, signal.SIGKILL)
 
 
-async def run_in_thread(pool: ThreadPoolExecutor, spec: JobSpec, handler: Handler | None,
-                        progress: Callable[[float], None], timeout_s: float, stop: asyncio.Event) -> dict[str, Any]:
+async def run_in_thread(pool: ThreadPoolExecutor, handler: Handler, entry: StreamEntry, ndvi: NdviSettings,
+                        output_dir: Path, fence: int, progress: Callable[[float], None], timeout_s: float,
+                        stop: asyncio.Event) -> dict[str, Any]:
     """Run the job in a worker thread (no hard kill or memory limit; for light handlers and tests)."""
     loop = asyncio.get_running_loop()
     stop_flag = threading.Event()
-    entry = StreamEntry.from_fields(spec.fields)
-    run = handler or resolve_handler(entry.job_type.value, spec.handler_ref)
-    ctx = JobContext(ndvi=NdviSettings.model_validate(spec.ndvi), output_dir=Path(spec.output_dir),
-                     fence=spec.fence, progress=lambda f: loop.call_soon_threadsafe(progress, f), stop=stop_flag)
-    future = loop.run_in_executor(pool, run, entry, ctx)
+    ctx = JobContext(ndvi=ndvi, output_dir=output_dir, fence=fence,
+                     progress=lambda f: loop.call_soon_threadsafe(progress, f), stop=stop_flag)
+    future = loop.run_in_executor(pool, handler, entry, ctx)
     stop_wait = asyncio.ensure_future(stop.wait())
     try:
         done, _ = await asyncio.wait([future, stop_wait], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -194,3 +194,25 @@ async def run_in_thread(pool: ThreadPoolExecutor, spec: JobSpec, handler: Handle
     if stop_wait in done:
         raise Stopped("job stopped by the runtime")
     raise JobFailed("timeout", False, f"job exceeded its wall-clock limit of {timeout_s:g}s")
+
+
+def run_on_loop(handler: Handler, entry: StreamEntry, ndvi: NdviSettings, output_dir: Path, fence: int,
+                progress: Callable[[float], None], stop: asyncio.Event) -> dict[str, Any]:
+    """Run a handler declared ``on_event_loop`` right here, synchronously (no timeout, no memory limit).
+
+    Failures come out as from the other two: JobFailed, or Stopped when the runtime asked the job to stop
+    (checked before and after, since nothing can interrupt it in between).
+    """
+    flag = threading.Event()
+    if stop.is_set():
+        raise Stopped("job stopped by the runtime")
+    ctx = JobContext(ndvi=ndvi, output_dir=output_dir, fence=fence, progress=progress, stop=flag)
+    try:
+        result = dict(handler(entry, ctx))
+    except Stopped:
+        raise
+    except Exception as exc:
+        raise classify(exc) from exc
+    if stop.is_set():
+        raise Stopped("job stopped by the runtime")
+    return result

@@ -1,7 +1,8 @@
 """The handler registry: job type -> function that executes one job (NDVI is the first).
 
-Handlers are synchronous and run in a worker thread so the event loop keeps renewing leases. They
-write outputs only under the directory they are given, and return a JSON-serialisable result.
+Handlers are synchronous and run in a child process or a worker thread so the event loop keeps renewing
+leases; only a handler declared with :func:`on_event_loop` runs on the loop itself. They write outputs
+only under the directory they are given, and return a JSON-serialisable result.
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ class JobContext:
 
 
 Handler = Callable[[StreamEntry, JobContext], dict[str, Any]]
+
+
+def on_event_loop(handler: Handler) -> Handler:
+    """Declare a handler trivially short (pure, bounded, microseconds: no I/O, no waiting).
+
+    The consumer then calls it directly on its event loop, whatever the isolation setting, instead of
+    handing it to a thread or a child process, whose hand-off costs more than such a job. The price is
+    what a thread or child would give: no wall-clock timeout, no memory limit, and the loop (lease
+    renewal included) waits while it runs. NDVI is never declared so.
+    """
+    handler.eventflow_on_event_loop = True  # type: ignore[attr-defined]
+    return handler
+
+
+def runs_on_event_loop(handler: Handler | None) -> bool:
+    """True if the handler was declared with :func:`on_event_loop`."""
+    return getattr(handler, "eventflow_on_event_loop", False) is True
 
 # Write errors that say the output store is full, read-only or broken, not that the job is bad.
 _OUTPUT_STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE, errno.ENOTCONN}

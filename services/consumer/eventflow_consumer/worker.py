@@ -1,9 +1,12 @@
 """The consumer runtime: read with the group, lease + fence, execute off-loop, commit, then ack.
 
 Order per delivery (docs/contract.md): decode (poison -> DLQ) -> result exists? ack -> acquire lease
-and fencing token (cancelled? ack) -> execute in a child process (or thread) while a heartbeat renews
-the lease and resets the entry's idle time -> commit through eventflow_commit_result -> ack through
-eventflow_ack_entry -> release the lease.
+and fencing token (cancelled? ack) -> execute in a child process (or thread, or on the loop for a handler
+declared trivially short) while a heartbeat renews the lease and resets the entry's idle time -> commit,
+owner-checked ack and lease release in one eventflow_commit_and_ack call.
+Function calls go through a CallBatcher: the calls that the jobs of one XREADGROUP batch issue in the
+same loop turn (their leases, later their commits) share one pipeline round trip; each stays its own
+atomic call with its own answer.
 A transient failure is recorded and scheduled for a delayed retry (exponential backoff with jitter);
 the entry stays pending and the reaper re-delivers it when due, counting a delivery toward the ceiling.
 A permanent failure goes straight to the dead-letter stream with its reason.
@@ -22,6 +25,7 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -32,12 +36,27 @@ from eventflow.contract import StreamEntry, now_ms
 from eventflow.errors import DEPENDENCIES, LostLease, PoisonMessage
 from eventflow.metrics import BREAKER_LEVEL, ConsumerMetrics
 from eventflow.redis.client import EXIT_WIPED, check_ready, epoch_problem, functions_for, keys_for
-from eventflow.redis.functions import NotOwner
+from eventflow.redis.functions import BreakerDecision, CommitAck, NotOwner
 from eventflow.settings import EventflowSettings
-from eventflow_consumer.execution import JobFailed, JobSpec, run_in_process, run_in_thread
-from eventflow_consumer.handlers import Handler, Stopped
+from eventflow_consumer.execution import (
+    JobFailed,
+    JobSpec,
+    resolve_handler,
+    run_in_process,
+    run_in_thread,
+    run_on_loop,
+)
+from eventflow_consumer.handlers import Handler, Stopped, runs_on_event_loop
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LeaseHeld:
+    """When a job's lease was last known to be held (monotonic seconds): set when it is taken, moved on by
+    every successful renewal; shared by the job and its renewal task."""
+
+    confirmed_at: float
 
 
 def default_name() -> str:
@@ -54,9 +73,11 @@ class Worker:
         self.cfg = settings.consumer
         self.redis = redis
         self.keys = keys_for(settings)
-        self.functions = functions_for(redis, settings)
-        # Handlers given here run in a thread (tests, benchmarks); the registry's run per isolation setting.
+        self.functions = functions_for(redis, settings, batch=True)
+        # Handlers given here run in a thread (tests, benchmarks); the registry's run per isolation setting;
+        # either runs on the loop if declared `on_event_loop`.
         self.inline_handlers: dict[Any, Handler] = dict(handlers or {})
+        self.resolved: dict[Any, Handler | None] = {}  # job type -> registry/settings handler, imported once
         self.name = self.cfg.name or default_name()
         self.metrics = ConsumerMetrics(registry or CollectorRegistry())
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="job")
@@ -64,6 +85,7 @@ class Worker:
         self.closed = asyncio.Event()  # set after the drain: ends the consumer heartbeat
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.stops: dict[str, asyncio.Event] = {}
+        self.slot_waiter: asyncio.Future[None] | None = None  # resolved when a job ends (the read loop waits)
         self.background: set[asyncio.Future[None]] = set()
         # Entries that failed transiently here: entry id -> delivery count at the time. They are left
         # for the reaper; picked up again only once it re-delivers them (count grows).
@@ -146,13 +168,19 @@ class Worker:
     async def _read_loop(self) -> None:
         next_rescan = 0.0
         stop_wait = asyncio.create_task(self.stopping.wait())
+        # The breakers' "go" from the check after the last read, when nothing has waited since: the next
+        # read is gated on it instead of on a second, back-to-back check (one round trip per read, not two).
+        fresh: BreakerDecision | None = None
         try:
             while not self.stopping.is_set():
                 free = self.cfg.concurrency - len(self.in_flight)
                 if free <= 0:
-                    await asyncio.wait([stop_wait, *self.in_flight.values()], return_when=asyncio.FIRST_COMPLETED)
+                    fresh = None
+                    # One future for "a slot freed", not a wait on every in-flight task (O(concurrency) per wake).
+                    self.slot_waiter = asyncio.get_running_loop().create_future()
+                    await asyncio.wait([stop_wait, self.slot_waiter], return_when=asyncio.FIRST_COMPLETED)
                     continue
-                free = await self._gate(free)
+                free, fresh = await self._gate(free, fresh), None
                 if free <= 0:
                     continue
                 if time.monotonic() >= next_rescan and not self.probe_armed:
@@ -176,11 +204,13 @@ class Worker:
                     log.warning("read failed: %s", exc, extra={"consumer": self.name})
                     await asyncio.sleep(0.5)
                     continue
-                if reply and not self.probe_armed and not await self._may_start():
-                    # A breaker opened while this read was blocked: leave what it delivered pending here
-                    # (no delivery burnt by a doomed run); the own-pending scan starts it once it closes.
-                    next_rescan = 0.0
-                    continue
+                if reply and not self.probe_armed:
+                    fresh = await self._may_start()
+                    if fresh is not None and fresh.decision != "go":
+                        # A breaker opened while this read was blocked: leave what it delivered pending here
+                        # (no delivery burnt by a doomed run); the own-pending scan starts it once it closes.
+                        next_rescan, fresh = 0.0, None
+                        continue
                 for _stream, entries in reply or []:
                     for entry_id, fields in entries:
                         self._spawn(entry_id, fields)
@@ -226,6 +256,8 @@ class Worker:
         def done(_: asyncio.Task[None]) -> None:
             self.in_flight.pop(entry_id, None)
             self.metrics.in_flight.set(len(self.in_flight))
+            if self.slot_waiter is not None and not self.slot_waiter.done():
+                self.slot_waiter.set_result(None)
 
         task.add_done_callback(done)
 
@@ -287,6 +319,18 @@ class Worker:
         elif action.startswith("sleep:"):
             await asyncio.sleep(float(action.split(":", 1)[1]))
 
+    def _handler(self, job_type: Any) -> Handler | None:
+        """The handler this process would run for the job type (given here, else the settings' override or
+        the registry's, imported once); None if it cannot be imported here (a child reports the error)."""
+        if job_type in self.inline_handlers:
+            return self.inline_handlers[job_type]
+        if job_type not in self.resolved:
+            try:
+                self.resolved[job_type] = resolve_handler(job_type.value, self.cfg.handlers.get(job_type.value))
+            except Exception:  # e.g. an override only the job's child can import: the child reports it
+                self.resolved[job_type] = None
+        return self.resolved[job_type]
+
     async def _run_leased(self, entry_id: str, entry: StreamEntry, fields: dict[str, str], token: str,
                           fence: int, event: dict[str, str]) -> None:
         f = self.functions
@@ -295,15 +339,19 @@ class Worker:
         self.stops[entry_id] = stop
         lost = asyncio.Event()
         finished = asyncio.Event()
-        renew = asyncio.create_task(self._renew(entry_id, entry, token, stop, lost, finished))
         started = time.perf_counter()
+        # The heartbeat starts once the job has run for one heartbeat interval: most jobs of a busy stream
+        # end sooner, and a timer per job costs far less than a renewal task per job.
+        renewals: list[asyncio.Task[None]] = []
+        held = LeaseHeld(time.monotonic())
+
+        def start_renewal() -> None:
+            renewals.append(asyncio.create_task(self._renew(entry_id, entry, token, stop, lost, finished, held)))
+
+        timer = asyncio.get_running_loop().call_later(self.cfg.heartbeat_interval_ms / 1000, start_renewal)
         released = False
         try:
             await self._failpoint("before_execute")
-            spec = JobSpec(fields=fields, handler_ref=self.cfg.handlers.get(entry.job_type.value),
-                           ndvi=self.settings.ndvi.model_dump(mode="json"),
-                           output_dir=str(self.settings.ndvi.output_root / entry.tenant / entry.request_hash),
-                           fence=fence, memory_bytes=self.cfg.job_memory_mb * 1024 * 1024)
 
             def progress(fraction: float) -> None:
                 task = asyncio.ensure_future(self._progress(entry, fraction, event, stop))
@@ -311,20 +359,45 @@ class Worker:
                 task.add_done_callback(self.background.discard)
 
             log.info("job started", extra=ctx_log)
-            if self.cfg.isolation == "process" and entry.job_type not in self.inline_handlers:
+            handler = self._handler(entry.job_type)
+            output_dir = self.settings.ndvi.output_root / entry.tenant / entry.request_hash
+            if handler is not None and runs_on_event_loop(handler):
+                result = run_on_loop(handler, entry, self.settings.ndvi, output_dir, fence, progress, stop)
+            elif self.cfg.isolation == "process" and entry.job_type not in self.inline_handlers:
+                spec = JobSpec(fields=fields, handler_ref=self.cfg.handlers.get(entry.job_type.value),
+                               ndvi=self.settings.ndvi.model_dump(mode="json"), output_dir=str(output_dir),
+                               fence=fence, memory_bytes=self.cfg.job_memory_mb * 1024 * 1024)
                 result = await run_in_process(spec, progress, self.cfg.job_timeout_s, stop)
+            elif handler is None:  # a handler override this process cannot import: a deployment error
+                raise JobFailed("handler_unavailable", False, f"no importable handler for {entry.job_type.value}")
             else:
-                result = await run_in_thread(self.pool, spec, self.inline_handlers.get(entry.job_type), progress,
-                                             self.cfg.job_timeout_s, stop)
+                result = await run_in_thread(self.pool, handler, entry, self.settings.ndvi, output_dir, fence,
+                                             progress, self.cfg.job_timeout_s, stop)
             if lost.is_set():
                 raise LostLease("lease lost during execution")
             result["fence"] = fence
             await self._failpoint("before_commit")
+            if time.monotonic() - held.confirmed_at > self.cfg.heartbeat_interval_ms / 1000:
+                # Renewals fell behind (the process was paused, or the loop blocked): confirm the lease before
+                # committing, so a zombie fences itself here rather than leaning on the commit's fence alone.
+                if reason := await self._renew_once(entry_id, entry, token, held):
+                    log.error("stopping job: %s", reason, extra=ctx_log)
+                    lost.set()
+                    raise LostLease(reason)
+            result_json = json.dumps(result)
             # Commit and ack run shielded: a shutdown must not cut them in half.
-            outcome = await asyncio.shield(f.commit_result(
-                entry.request_hash, entry.job_id, token, fence, json.dumps(result), event))
-            await self._failpoint("after_commit")
-            released = await asyncio.shield(self._ack(entry_id, entry, token))  # an ack with a token releases
+            if "after_commit" in self.cfg.failpoints:
+                # Two calls, so the fault tests can die in between (the one-call path has no such gap;
+                # the recovery it tests still matters for a reply lost after a commit).
+                outcome = await asyncio.shield(f.commit_result(
+                    entry.request_hash, entry.job_id, token, fence, result_json, event))
+                await self._failpoint("after_commit")
+                released = await asyncio.shield(self._ack(entry_id, entry, token))  # an ack with a token releases
+            else:
+                done = await asyncio.shield(f.commit_and_ack(
+                    entry_id, self.name, entry.request_hash, entry.job_id, token, fence, result_json, event))
+                self._acked(entry_id, entry, done)
+                outcome, released = done.outcome, True  # the call released the lease if still ours
             label = {"committed": "succeeded", "exists": "duplicate"}.get(outcome, outcome)
             self.metrics.jobs.labels(outcome=label).inc()
             await self._report_dependencies(entry_id, None, "ok")
@@ -357,22 +430,30 @@ class Worker:
             raise
         finally:
             finished.set()  # ends the renew loop even if a cancel gets swallowed inside the Redis client
-            renew.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renew
+            timer.cancel()
+            for renewal in renewals:
+                renewal.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewal
             self.stops.pop(entry_id, None)
             if not released:
                 with contextlib.suppress(RedisError):
                     await asyncio.shield(f.release_lease(entry.request_hash, token))
 
-    async def _gate(self, free: int) -> int:
-        """How many jobs may start now: `free` (breakers closed), 1 (a probe), or 0 after waiting (open)."""
+    async def _gate(self, free: int, fresh: BreakerDecision | None = None) -> int:
+        """How many jobs may start now: `free` (breakers closed), 1 (a probe), or 0 after waiting (open).
+
+        `fresh` is a "go" decided just now (no wait since): used instead of asking again.
+        """
         if self.cfg.breaker_threshold == 0:
             return free
-        try:
-            d = await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
-        except RedisError:
-            return free  # the read that follows fails the same way and is handled there
+        if fresh is not None and fresh.decision == "go":
+            d = fresh
+        else:
+            try:
+                d = await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
+            except RedisError:
+                return free  # the read that follows fails the same way and is handled there
         for dependency, state in d.states.items():
             self.metrics.breaker_state.labels(dependency).set(BREAKER_LEVEL.get(state, 0))
         if any(state != "closed" for state in d.states.values()):
@@ -393,20 +474,24 @@ class Worker:
             log.warning("circuit breaker open (%s): not pulling work; next check in %.1fs", d.states,
                         d.wait_ms / 1000, extra={"consumer": self.name})
             self.gated = True
+        if "half_open" in d.states.values():
+            # Another consumer's probe decides: look again soon, so this one resumes within 0.2 s of the
+            # breaker closing instead of up to a second later (while the prober alone drains the backlog).
+            wait_ms = min(wait_ms, 200)
         seconds = min(wait_ms / 1000, 1.0)
         await _wait_or_timeout(self.stopping, seconds)
         self.metrics.breaker_waits.inc(seconds)
         return 0
 
-    async def _may_start(self) -> bool:
-        """After a read: True if the breakers still let work start."""
+    async def _may_start(self) -> BreakerDecision | None:
+        """After a read: the breakers' decision (work may start if it is "go"); None if there are no breakers
+        or Redis did not answer (the jobs' own calls then fail the same way)."""
         if self.cfg.breaker_threshold == 0:
-            return True
+            return None
         try:
-            d = await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
+            return await self.functions.breaker_allow(DEPENDENCIES, self.name, self.cfg.breaker_probe_ttl_ms)
         except RedisError:
-            return True
-        return d.decision == "go"
+            return None
 
     async def _report_dependencies(self, entry_id: str, failed: str | None, verdict: str, message: str = "",
                                    probe: bool = False) -> None:
@@ -467,29 +552,37 @@ class Worker:
         return 0
 
     async def _renew(self, entry_id: str, entry: StreamEntry, token: str, stop: asyncio.Event,
-                     lost: asyncio.Event, finished: asyncio.Event) -> None:
-        """Heartbeat the job; stop it before its lease could expire if renewal fails (self-fencing)."""
+                     lost: asyncio.Event, finished: asyncio.Event, held: LeaseHeld) -> None:
+        """Heartbeat the job; stop it before its lease could expire if renewal fails (self-fencing).
+
+        Started one heartbeat interval after the lease was taken.
+        """
+        while not finished.is_set():
+            if reason := await self._renew_once(entry_id, entry, token, held):
+                log.error("stopping job: %s", reason, extra=self._ctx(entry_id, entry))
+                lost.set()
+                stop.set()
+                return
+            if await _wait_or_timeout(finished, self.cfg.heartbeat_interval_ms / 1000):
+                return
+
+    async def _renew_once(self, entry_id: str, entry: StreamEntry, token: str, held: LeaseHeld) -> str:
+        """One heartbeat (lease renewal + idle reset); returns why the job must stop, or "" to carry on."""
         interval = self.cfg.heartbeat_interval_ms / 1000
-        last_ok = time.monotonic()
-        while not await _wait_or_timeout(finished, interval):
-            try:
-                state = await self.functions.heartbeat_job(entry_id, self.name, entry.request_hash, token,
-                                                           self.cfg.lease_ttl_ms)
-                if state == 1:
-                    last_ok = time.monotonic()
-                    continue
-                reason = "lease lost" if state == 0 else "entry reclaimed by another consumer"
-            except RedisError as exc:
-                _reraise_cancel(exc)
-                # Unreachable Redis: keep trying while the lease surely still holds, then give up in time.
-                if time.monotonic() - last_ok + 2 * interval < self.cfg.lease_ttl_ms / 1000:
-                    log.warning("heartbeat failed: %s", exc, extra={"job_id": entry.job_id})
-                    continue
-                reason = f"heartbeat failing for {time.monotonic() - last_ok:.1f}s"
-            log.error("stopping job: %s", reason, extra=self._ctx(entry_id, entry))
-            lost.set()
-            stop.set()
-            return
+        try:
+            state = await self.functions.heartbeat_job(entry_id, self.name, entry.request_hash, token,
+                                                       self.cfg.lease_ttl_ms)
+        except RedisError as exc:
+            _reraise_cancel(exc)
+            # Unreachable Redis: keep trying while the lease surely still holds, then give up in time.
+            if time.monotonic() - held.confirmed_at + 2 * interval < self.cfg.lease_ttl_ms / 1000:
+                log.warning("heartbeat failed: %s", exc, extra={"job_id": entry.job_id})
+                return ""
+            return f"heartbeat failing for {time.monotonic() - held.confirmed_at:.1f}s"
+        if state == 1:
+            held.confirmed_at = time.monotonic()
+            return ""
+        return "lease lost" if state == 0 else "entry reclaimed by another consumer"
 
     async def _progress(self, entry: StreamEntry, fraction: float, event: dict[str, str],
                         stop: asyncio.Event) -> None:
@@ -497,6 +590,13 @@ class Worker:
             state = await self.functions.report_progress(entry.job_id, fraction, event)
             if state == "cancelled":
                 stop.set()
+
+    def _acked(self, entry_id: str, entry: StreamEntry, done: CommitAck) -> None:
+        """Book-keeping after eventflow_commit_and_ack (the entry is no longer parked here either way)."""
+        if done.owner is not None:
+            log.warning("ack refused, entry now owned elsewhere: NOTOWNER %s", done.owner,
+                        extra=self._ctx(entry_id, entry))
+        self.parked.pop(entry_id, None)
 
     async def _ack(self, entry_id: str, entry: StreamEntry, token: str | None) -> bool:
         """Owner-checked ack; True if acked (and, with a token, the lease released with it)."""
@@ -562,4 +662,4 @@ def run(settings: EventflowSettings) -> int:
     """Entry point used by ``eventflow consumer``: connect, serve until SIGTERM, close."""
     from eventflow.redis.client import run_with_redis
 
-    return run_with_redis(settings, serve)
+    return run_with_redis(settings, serve, fast_loop=True)

@@ -44,9 +44,10 @@ def connect(settings: EventflowSettings) -> Redis:
     )
 
 
-def functions_for(redis: Redis, settings: EventflowSettings) -> Functions:
-    """The Function wrappers bound to this client and the configured key layout."""
-    return Functions(redis, keys_for(settings), settings.streams.event_stream_maxlen)
+def functions_for(redis: Redis, settings: EventflowSettings, *, batch: bool = False) -> Functions:
+    """The Function wrappers bound to this client and the configured key layout (``batch``: calls issued
+    in the same loop turn share one pipeline, see :class:`eventflow.redis.functions.CallBatcher`)."""
+    return Functions(redis, keys_for(settings), settings.streams.event_stream_maxlen, batch=batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +118,13 @@ async def check_ready(redis: Redis, keys: Keys) -> str:
     return str(epoch)
 
 
-def run_with_redis(settings: EventflowSettings, serve: Callable[[EventflowSettings, Redis], Awaitable[int]]) -> int:
-    """A service's process entry point: connect, ``await serve(settings, redis)`` until it returns, close."""
+def run_with_redis(settings: EventflowSettings, serve: Callable[[EventflowSettings, Redis], Awaitable[int]], *,
+                   fast_loop: bool = False) -> int:
+    """A service's process entry point: connect, ``await serve(settings, redis)`` until it returns, close.
+
+    ``fast_loop``: run on uvloop when it is installed (the consumer's extra installs it): its C transports
+    and scheduler cost a fraction of asyncio's per Redis round trip (bench/README.md, pipeline_bench.py).
+    """
 
     async def main() -> int:
         redis = connect(settings)
@@ -127,7 +133,16 @@ def run_with_redis(settings: EventflowSettings, serve: Callable[[EventflowSettin
         finally:
             await redis.aclose()
 
-    return asyncio.run(main())
+    loop_factory = None
+    if fast_loop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
 
 
 #: Exit code of a consumer or reaper that found Redis wiped or replaced under it: not ready, restart me.

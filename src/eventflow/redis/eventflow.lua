@@ -12,7 +12,7 @@ Names are global across libraries, so each starts with eventflow_. A change to K
 function means a new name; a change of behaviour means a new LIBRARY_VERSION.
 ]]
 
-local LIBRARY_VERSION = '5'
+local LIBRARY_VERSION = '6'
 
 -- Append a lifecycle event (flat field list) to the event stream, approximately capped.
 -- The event stream is a notification log, not work: capping it loses no job.
@@ -182,7 +182,9 @@ Reply: "committed", or "exists" (a result is already committed: nothing written,
   or "cancelled" (the job was cancelled: nothing written).
 Errors: LEASELOST (caller's token no longer holds the lease), FENCED <highest> (a newer attempt exists).
 ]]
-local function commit_result(keys, argv)
+-- The commit shared by eventflow_commit_result and eventflow_commit_and_ack: KEYS[1..5] and ARGV[1..5]
+-- as documented there; the extra `succeeded` event fields start at ARGV[fields_from].
+local function commit(keys, argv, fields_from)
   if redis.call('EXISTS', keys[1]) == 1 then return 'exists' end
   if redis.call('GET', keys[3]) ~= argv[1] then
     return redis.error_reply('LEASELOST lease token is not current')
@@ -197,9 +199,13 @@ local function commit_result(keys, argv)
     'finished_at_ms', argv[4])
   redis.call('HDEL', keys[4], 'error_class', 'error_message')
   local fields = {'type', 'succeeded', 'at_ms', argv[4]}
-  for _, v in ipairs(tail(argv, 6)) do fields[#fields + 1] = v end
+  for _, v in ipairs(tail(argv, fields_from)) do fields[#fields + 1] = v end
   add_event(keys[5], argv[5], fields)
   return 'committed'
+end
+
+local function commit_result(keys, argv)
+  return commit(keys, argv, 6)
 end
 
 --[[ eventflow_ack_entry
@@ -223,6 +229,33 @@ local function ack_entry(keys, argv)
     redis.call('DEL', keys[2])
   end
   return redis.call('XACK', keys[1], argv[1], argv[2])
+end
+
+--[[ eventflow_commit_and_ack
+Purpose: a job's last step in one call: eventflow_commit_result, then -- only if the commit was not
+  refused -- eventflow_ack_entry's owner-checked ack and the lease release. Atomic per job, so a batch
+  of these in one pipeline cannot ack a job whose commit was refused, and each entry's ownership is
+  checked on its own. When the result already exists (another attempt committed) or the job was
+  cancelled, the entry is still acked if it is pending for the caller (as the -2/-1 answers of
+  eventflow_acquire_lease lead to); the lease is released only if the caller's token still holds it.
+KEYS[1] result hash   KEYS[2] fencing counter   KEYS[3] lease key   KEYS[4] job state hash
+KEYS[5] event stream   KEYS[6] job stream
+ARGV[1] lease token   ARGV[2] fencing token   ARGV[3] result JSON   ARGV[4] now (ms)
+ARGV[5] event stream cap   ARGV[6] group   ARGV[7] entry id   ARGV[8] consumer
+ARGV[9..] extra `succeeded` event fields
+Reply: {outcome, ack}: outcome "committed", "exists" or "cancelled" (as eventflow_commit_result);
+  ack 1 acked, 0 not pending (already acked), or the name of the consumer the entry is now pending for
+  (not acked: a zombie must not drop another worker's entry).
+Errors: LEASELOST, FENCED <highest> (as eventflow_commit_result: nothing written, nothing acked).
+]]
+local function commit_and_ack(keys, argv)
+  local outcome = commit(keys, argv, 9)
+  if type(outcome) == 'table' then return outcome end  -- an error reply: refused, so no ack
+  if redis.call('GET', keys[3]) == argv[1] then redis.call('DEL', keys[3]) end
+  local p = pending_of(keys[6], argv[6], argv[7])
+  if not p then return {outcome, 0} end
+  if p[2] ~= argv[8] then return {outcome, p[2]} end
+  return {outcome, redis.call('XACK', keys[6], argv[6], argv[7])}
 end
 
 --[[ eventflow_schedule_retry
@@ -630,6 +663,7 @@ redis.register_function('eventflow_renew_lease', renew_lease)
 redis.register_function('eventflow_release_lease', release_lease)
 redis.register_function('eventflow_commit_result', commit_result)
 redis.register_function('eventflow_ack_entry', ack_entry)
+redis.register_function('eventflow_commit_and_ack', commit_and_ack)
 redis.register_function('eventflow_schedule_retry', schedule_retry)
 redis.register_function('eventflow_heartbeat_job', heartbeat_job)
 redis.register_function('eventflow_reclaim_entry', reclaim_entry)

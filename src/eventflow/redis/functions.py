@@ -6,6 +6,7 @@ into a Python value or exception, so callers never parse Redis replies.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -75,15 +76,93 @@ class Submitted:
     entry_id: str
 
 
-class Functions:
-    """The Function library bound to one connection and one key layout."""
+@dataclass(frozen=True, slots=True)
+class CommitAck:
+    """Result of :meth:`Functions.commit_and_ack`."""
 
-    def __init__(self, redis: Redis, keys: Keys, event_stream_maxlen: int = 100_000) -> None:
+    outcome: str  #: "committed", "exists" or "cancelled"
+    acked: bool  #: the entry was acked by this call
+    owner: str | None  #: set when the entry is pending for another consumer (not acked)
+
+
+class CallBatcher:
+    """Sends the FCALLs issued in one event-loop turn as one pipeline: one round trip and one socket write
+    for, e.g., the leases of a whole XREADGROUP batch instead of one per job.
+
+    Each call stays its own FCALL, so its atomicity, its KEYS and its reply are exactly those of a lone
+    call: one job's refused commit or NOTOWNER answer is delivered to that job's caller only. Nothing is
+    delayed to wait for company: a call is sent on the next loop turn, with whatever else was issued
+    meanwhile. A connection error fails every call of that pipeline, as it would have failed each alone.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self.sending: set[asyncio.Task[None]] = set()
+
+    async def call(self, args: list[Any]) -> Any:
+        """Queue one FCALL (its full argument list) and wait for its reply."""
+        loop = asyncio.get_running_loop()
+        if not self.queue:
+            loop.call_soon(self._flush)
+        future: asyncio.Future[Any] = loop.create_future()
+        self.queue.append((args, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self.queue = self.queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:  # a lone call (a quiet stream): skip the pipeline's own overhead
+                try:
+                    replies = [await self.redis.fcall(*batch[0][0])]
+                except ResponseError as exc:
+                    replies = [exc]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for args, _ in batch:
+                        pipe.fcall(*args)
+                    replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # the caller was cancelled; the call was still sent, as a lone one would be
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+class Functions:
+    """The Function library bound to one connection and one key layout.
+
+    With ``batch=True`` calls go through a :class:`CallBatcher` (the consumer's hot path); otherwise each
+    is its own round trip.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, event_stream_maxlen: int = 100_000, *, batch: bool = False) -> None:
         self.redis = redis
         self.keys = keys
         self.event_cap = str(event_stream_maxlen)
+        self.batcher = CallBatcher(redis) if batch else None
 
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        if self.batcher is not None:
+            return await self.batcher.call([name, len(keys), *keys, *[str(a) for a in args]])
         return await self.redis.fcall(name, len(keys), *keys, *[str(a) for a in args])
 
     async def version(self) -> str | None:
@@ -186,6 +265,31 @@ class Functions:
                 raise Fenced(str(exc)) from None
             raise
         return _s(reply)
+
+    async def commit_and_ack(
+        self, entry_id: str, consumer: str, request_hash: str, job_id: str, token: str, fence: int,
+        result_json: str, event_fields: dict[str, str],
+    ) -> CommitAck:
+        """Commit, then (only if not refused) owner-checked ack and lease release, in one call
+        (eventflow_commit_and_ack); raises LostLease/Fenced when the commit is refused (nothing acked)."""
+        k = self.keys
+        try:
+            outcome, ack = await self._call(
+                "eventflow_commit_and_ack",
+                [k.result(request_hash), k.fence(request_hash), k.lease(request_hash), k.job_state(job_id),
+                 k.event_stream, k.job_stream],
+                [token, fence, result_json, now_ms(), self.event_cap, k.group, entry_id, consumer,
+                 *_flat(event_fields)],
+            )
+        except ResponseError as exc:
+            if _code(exc) == "LEASELOST":
+                raise LostLease(str(exc)) from None
+            if _code(exc) == "FENCED":
+                raise Fenced(str(exc)) from None
+            raise
+        if isinstance(ack, int):
+            return CommitAck(_s(outcome), ack == 1, None)
+        return CommitAck(_s(outcome), False, _s(ack))
 
     async def ack_entry(self, entry_id: str, consumer: str, request_hash: str | None, token: str | None) -> bool:
         """Owner-checked ack (releasing the lease when a token is given); True if acked, False if it was no

@@ -331,6 +331,12 @@ async def test_delete_cancels_the_job_and_never_waits_forever_for_redis(
     k8s_cluster.kubectl("delete", "-n", ns, "ndvijob", doc["metadata"]["name"], "dup-of-2", "--timeout=20s")
     assert await rclient.hget(keys.job_state(jobs[doc["metadata"]["name"]]), "state") == "cancelled"
     assert await rclient.hget(keys.job_state(jobs["job-2"]), "state") == "queued"  # not the duplicate's to cancel
+    # The cancel released the request: the same spec applied again runs as a new job, not the cancelled one.
+    apply(k8s_cluster, ns, doc)
+    again = await wait_status(api, ns, "ndvijobs", doc["metadata"]["name"],
+                              lambda s: s.get("jobId") and s.get("phase") == "Queued")
+    assert again["jobId"] != jobs[doc["metadata"]["name"]]
+    assert "Duplicate" not in json.dumps(again["conditions"])
 
     redis_server.kill()
     try:

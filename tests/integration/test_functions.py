@@ -343,6 +343,29 @@ async def test_cancel(functions: Functions, redis: Redis, keys: Keys) -> None:
     assert await functions.acquire_lease(h, sub.job_id, "t", 1000, {}) == -1
 
 
+async def test_cancel_releases_the_dedupe_key_so_the_request_runs_again(functions: Functions, redis: Redis,
+                                                                        keys: Keys) -> None:
+    first = await submit(functions)
+    assert (await submit(functions)).job_id == first.job_id  # a duplicate while queued
+    assert await functions.cancel_job(first.job_id) == "cancelled"
+    again = await submit(functions)
+    assert again.created and again.job_id != first.job_id  # a new job, a second stream entry
+    assert await redis.xlen(keys.job_stream) == 2
+    assert (await submit(functions)).job_id == again.job_id  # which then dedupes as usual
+    assert await redis.hget(keys.job_state(first.job_id), "state") == "cancelled"
+
+
+async def test_cancel_releases_only_its_own_dedupe_key(functions: Functions, redis: Redis, keys: Keys) -> None:
+    """A cancel called with another request's hash (a stale or forged caller) must not free that request."""
+    victim = await submit(functions, {**REQ, "farm_id": "farm-victim"})
+    target = await submit(functions)
+    victim_hash = await redis.hget(keys.job_state(victim.job_id), "request_hash")
+    reply = await functions.redis.fcall("eventflow_cancel_job", 3, keys.job_state(target.job_id), keys.event_stream,
+                                        keys.dedupe(victim_hash), "1", "100", victim_hash)
+    assert reply == "cancelled"
+    assert await redis.get(keys.dedupe(victim_hash)) == victim.job_id
+
+
 async def pending_row(redis: Redis, keys: Keys, entry_id: str) -> dict:
     rows = await redis.xpending_range(keys.job_stream, keys.group, min=entry_id, max=entry_id, count=1)
     return rows[0] if rows else {}

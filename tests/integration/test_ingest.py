@@ -84,12 +84,16 @@ async def test_submit_get_and_duplicate(api: Any, redis: Redis, keys: Keys) -> N
     assert (await client.get("/v1/ndvi/jobs/nope")).status_code == 404
 
 
-async def test_cancel_is_idempotent_and_finished_jobs_conflict(api: Any, redis: Redis, keys: Keys) -> None:
+async def test_cancel_is_idempotent_frees_the_request_and_finished_jobs_conflict(api: Any, redis: Redis,
+                                                                                 keys: Keys) -> None:
     client = await api()
     job = (await client.post("/v1/ndvi/jobs", json=body())).json()
     cancelled = await client.delete(f"/v1/ndvi/jobs/{job['job_id']}")
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert (await client.delete(f"/v1/ndvi/jobs/{job['job_id']}")).status_code == 200
+    resubmitted = await client.post("/v1/ndvi/jobs", json=body())  # cancelling freed the request: a new job
+    assert resubmitted.status_code == 202, resubmitted.text
+    assert resubmitted.json()["job_id"] != job["job_id"] and not resubmitted.json()["duplicate"]
     done = (await client.post("/v1/ndvi/jobs", json=body(farm_id="farm-done"))).json()
     await redis.hset(keys.job_state(done["job_id"]), "state", "succeeded")
     reply = await client.delete(f"/v1/ndvi/jobs/{done['job_id']}")

@@ -12,7 +12,7 @@ Names are global across libraries, so each starts with eventflow_. A change to K
 function means a new name; a change of behaviour means a new LIBRARY_VERSION.
 ]]
 
-local LIBRARY_VERSION = '6'
+local LIBRARY_VERSION = '7'
 
 -- Append a lifecycle event (flat field list) to the event stream, approximately capped.
 -- The event stream is a notification log, not work: capping it loses no job.
@@ -415,9 +415,11 @@ local function report_progress(keys, argv)
 end
 
 --[[ eventflow_cancel_job
-Purpose: cancel a job that has not finished; consumers skip it or stop it.
-KEYS[1] job state hash   KEYS[2] event stream
-ARGV[1] now (ms)   ARGV[2] event stream cap
+Purpose: cancel a job that has not finished; consumers skip it or stop it. The request's dedupe key is
+  released (if it still names this job), so submitting the same request again makes a new job instead
+  of answering with the cancelled one; an Idempotency-Key keeps naming the cancelled job.
+KEYS[1] job state hash   KEYS[2] event stream   KEYS[3] dedupe key of the job's request hash
+ARGV[1] now (ms)   ARGV[2] event stream cap   ARGV[3] the request hash KEYS[3] was built from
 Reply: the state after the call ("cancelled", or the terminal state it already had); "" if no such job.
 ]]
 local function cancel_job(keys, argv)
@@ -426,9 +428,13 @@ local function cancel_job(keys, argv)
   if state == 'succeeded' or state == 'failed' or state == 'dead_lettered' or state == 'cancelled' then
     return state
   end
+  local job_id = redis.call('HGET', keys[1], 'job_id')
   redis.call('HSET', keys[1], 'state', 'cancelled', 'updated_at_ms', argv[1], 'cancelled_at_ms', argv[1])
-  add_event(keys[2], argv[2], {'type', 'cancelled', 'job_id', redis.call('HGET', keys[1], 'job_id'),
-    'at_ms', argv[1]})
+  -- Only this job's own dedupe entry: a caller passing another hash's key must not release that one.
+  if redis.call('HGET', keys[1], 'request_hash') == argv[3] and redis.call('GET', keys[3]) == job_id then
+    redis.call('DEL', keys[3])
+  end
+  add_event(keys[2], argv[2], {'type', 'cancelled', 'job_id', job_id, 'at_ms', argv[1]})
   return 'cancelled'
 end
 

@@ -374,10 +374,17 @@ class Functions:
         return _s(reply)
 
     async def cancel_job(self, job_id: str) -> str:
-        """Cancel a job; returns the resulting state, or "" if there is no such job."""
+        """Cancel a job; returns the resulting state, or "" if there is no such job.
+
+        Also releases the request's dedupe key, so the same request can be submitted again.
+        """
         k = self.keys
-        return _s(await self._call("eventflow_cancel_job", [k.job_state(job_id), k.event_stream],
-                                   [now_ms(), self.event_cap]))
+        # The hash names the dedupe key, which a Function must receive in KEYS; it never changes for a job,
+        # and the Function checks it against the state hash.
+        request_hash = _s(await self.redis.hget(k.job_state(job_id), "request_hash") or "")
+        return _s(await self._call("eventflow_cancel_job",
+                                   [k.job_state(job_id), k.event_stream, k.dedupe(request_hash or "-")],
+                                   [now_ms(), self.event_cap, request_hash]))
 
     async def reap_consumer(self, consumer: str) -> bool:
         """Delete a consumer whose heartbeat is gone and whose pending list is empty."""

@@ -172,6 +172,9 @@ async def run_dlqreplay(spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, n
         patch.status.update({"phase": "Failed", "message": str(exc), "observedGeneration": generation})
         kopf.warn(body, reason="InvalidSpec", message=str(exc))
         return
+    except replay.ReplayDeleted as exc:
+        logger.info("dlqreplay stopped: %s", exc)
+        return
     except (RedisError, OSError) as exc:
         attempts = context.settings.operator.redis_attempts
         if retry + 1 < attempts:

@@ -50,6 +50,10 @@ def _id_key(stream_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+class ReplayDeleted(Exception):
+    """The DlqReplay object was deleted while its replay ran: stop replaying (what was done stays done)."""
+
+
 class Progress:
     """Counts of one replay, written to status at most every interval (and when flushed)."""
 
@@ -78,7 +82,9 @@ class Progress:
         interval = self.context.settings.operator.status_interval_s
         if not force and time.monotonic() - self.written_at < interval:
             return
-        await self.context.status.patch(PLURAL, self.namespace, self.name, {**self.fields(), **extra})
+        if not await self.context.status.patch(PLURAL, self.namespace, self.name, {**self.fields(), **extra}):
+            # Deleting the object is how a user stops a replay: noticed here, at most one interval late.
+            raise ReplayDeleted(f"DlqReplay {self.namespace}/{self.name} was deleted: {self.summary()}")
         self.written_at = time.monotonic()
 
     def summary(self) -> str:
@@ -111,6 +117,8 @@ async def run(context: OperatorContext, *, namespace: str, name: str, spec: Mapp
     try:
         await process_dead_letters(context.functions, selected, "replay", dry_run=dry_run, rate_per_s=rate,
                                    on_outcome=on_outcome)
+    except ReplayDeleted:
+        raise  # nowhere left to record progress
     except BaseException:
         # Interrupted (Redis gone, operator stopping): keep what was done, so a retry resumes after it.
         await asyncio.shield(_flush(progress))

@@ -3,13 +3,16 @@ with promtool and amtool (the same bytes the chart ships, via .Files.Get)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
 
+from eventflow.settings import load_settings
 from tests.tools import tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,7 +87,22 @@ def test_redis_is_durable_by_default() -> None:
     assert "appendonly yes" in conf and "appendfsync always" in conf
 
 
+def test_operator_settings_reach_the_config_map_under_real_setting_names() -> None:
+    docs = render(None, "--set-json", "operator.statusIntervalS=2.5", "--set", "operator.redisRetryS=3",
+                  "--set", "operator.redisAttempts=4")
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and "EVENTFLOW_STREAMS__GROUP" in (d.get("data") or {})]
+    env = {k: v for k, v in config["data"].items() if k.startswith("EVENTFLOW_OPERATOR__")}
+    assert env == {"EVENTFLOW_OPERATOR__STATUS_INTERVAL_S": "2.5", "EVENTFLOW_OPERATOR__REDIS_RETRY_S": "3",
+                   "EVENTFLOW_OPERATOR__REDIS_ATTEMPTS": "4"}
+    # The names are settings the operator reads (a typo would be silently ignored by the pod).
+    with mock.patch.dict(os.environ, env):
+        settings = load_settings()
+    assert (settings.operator.status_interval_s, settings.operator.redis_retry_s,
+            settings.operator.redis_attempts) == (2.5, 3.0, 4)
+
+
 @pytest.mark.parametrize(("setting", "message"), [
+    (["--set", "operator.redisAttempts=0"], "redisAttempts"),
     (["--set", "redis.enabled=false"], "redis"),
     (["--set", "redis.appendfsync=no"], "appendfsync"),
     (["--set", "ingest.bogus=1"], "bogus"),

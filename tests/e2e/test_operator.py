@@ -414,6 +414,24 @@ async def test_dlqreplay_dry_run_then_replay_then_nothing_twice(
     assert await rclient.xlen(keys.job_stream) == before + 3
 
 
+async def test_deleting_a_running_dlqreplay_stops_it(
+        k8s_cluster: Cluster, api: Any, ns: str, op_settings: EventflowSettings, rclient: Redis, fns: Functions,
+        keys: Keys) -> None:
+    cls = f"stop-{secrets.token_hex(3)}"
+    await _dead_letters(op_settings, fns, rclient, keys, cls, 20)
+    before = await rclient.xlen(keys.job_stream)
+    apply(k8s_cluster, ns, replay_doc("stopme", cls, ratePerSecond=5))  # 4 s for all 20
+    await wait_status(api, ns, "dlqreplays", "stopme", lambda s: s.get("processed", 0) >= 2, timeout_s=20)
+    k8s_cluster.kubectl("delete", "-n", ns, "dlqreplay", "stopme", "--timeout=20s")
+    deleted_at = await rclient.xlen(keys.job_stream) - before
+    # The replay notices at its next progress write (status interval 0.2 s here, i.e. ~1 more record at
+    # 5/s); had it kept going, all 20 would be back on the stream 4 s after it started.
+    await asyncio.sleep(4.5)
+    replayed = await rclient.xlen(keys.job_stream) - before
+    assert replayed < 20, "the deleted DlqReplay kept replaying"
+    assert replayed <= deleted_at + 3, (deleted_at, replayed)
+
+
 async def test_a_replayed_ndvijob_goes_back_to_queued(
         k8s_cluster: Cluster, api: Any, ns: str, rclient: Redis, fns: Functions, keys: Keys) -> None:
     doc = sample()

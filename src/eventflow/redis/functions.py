@@ -67,6 +67,16 @@ def _code(exc: ResponseError) -> str:
     return str(exc).split(" ", 1)[0]
 
 
+#: Error codes with which the lease / ownership Functions refuse a caller, and what they raise here.
+_REFUSALS: dict[str, type[Exception]] = {"LEASELOST": LostLease, "FENCED": Fenced, "NOTOWNER": NotOwner}
+
+
+def _refusal(exc: ResponseError) -> Exception:
+    """The typed exception for a lease or ownership refusal (LostLease, Fenced, NotOwner), else ``exc``."""
+    refused = _REFUSALS.get(_code(exc))
+    return refused(str(exc)) if refused else exc
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     """Result of :func:`submit_job`."""
@@ -259,11 +269,7 @@ class Functions:
                 [token, fence, result_json, now_ms(), self.event_cap, *_flat(event_fields)],
             )
         except ResponseError as exc:
-            if _code(exc) == "LEASELOST":
-                raise LostLease(str(exc)) from None
-            if _code(exc) == "FENCED":
-                raise Fenced(str(exc)) from None
-            raise
+            raise _refusal(exc) from None
         return _s(reply)
 
     async def commit_and_ack(
@@ -282,11 +288,7 @@ class Functions:
                  *_flat(event_fields)],
             )
         except ResponseError as exc:
-            if _code(exc) == "LEASELOST":
-                raise LostLease(str(exc)) from None
-            if _code(exc) == "FENCED":
-                raise Fenced(str(exc)) from None
-            raise
+            raise _refusal(exc) from None
         if isinstance(ack, int):
             return CommitAck(_s(outcome), ack == 1, None)
         return CommitAck(_s(outcome), False, _s(ack))
@@ -301,11 +303,7 @@ class Functions:
                 "eventflow_ack_entry", [k.job_stream, lease_key], [k.group, entry_id, consumer, token or ""]
             )
         except ResponseError as exc:
-            if _code(exc) == "NOTOWNER":
-                raise NotOwner(str(exc)) from None
-            if _code(exc) == "LEASELOST":
-                raise LostLease(str(exc)) from None
-            raise
+            raise _refusal(exc) from None
         return int(reply) == 1
 
     async def schedule_retry(
@@ -358,9 +356,7 @@ class Functions:
                  min_deliveries, job_id, request_hash],
             )
         except ResponseError as exc:
-            if _code(exc) == "NOTOWNER":
-                raise NotOwner(str(exc)) from None
-            raise
+            raise _refusal(exc) from None
         dlq_id = _s(reply)
         return dlq_id or None
 

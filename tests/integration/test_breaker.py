@@ -15,13 +15,14 @@ from eventflow_consumer.worker import Worker
 from eventflow_reaper.reclaim import Reaper
 from redis.asyncio import Redis
 
-from eventflow.contract import JobType, NdviJobRequest, StreamEntry, new_job_id, now_ms
+from eventflow.contract import JobType, NdviJobRequest, StreamEntry
 from eventflow.errors import DependencyUnavailable, InputError
 from eventflow.keys import Keys
 from eventflow.redis.functions import Functions
 from eventflow.settings import EventflowSettings
 from tests.conftest import wait_for
 from tests.integration.test_consumer import enqueue
+from tests.jobs import enqueue_bodies, entry_for, farm_body
 
 REPO = Path(__file__).resolve().parents[2]
 L7 = REPO / "tests/data/r-cran-stars/L7_ETMs.tif"
@@ -180,9 +181,7 @@ def test_ndvi_handler_tells_store_outages_from_bad_jobs(settings: EventflowSetti
     def run(href: str, output_dir: Path) -> None:
         request = NdviJobRequest.model_validate({"farm_id": "f", "inputs": {"href": href, "red_band": 3,
                                                                             "nir_band": 4}})
-        entry = StreamEntry(job_id=new_job_id(), request_hash=request.hash_for("t"), tenant="t",
-                            enqueued_at_ms=now_ms(), trace_id="tr", payload=request.normalized())
-        run_ndvi_job(entry, JobContext(ndvi=ndvi, output_dir=output_dir, fence=1, progress=lambda _: None,
+        run_ndvi_job(entry_for(request), JobContext(ndvi=ndvi, output_dir=output_dir, fence=1, progress=lambda _: None,
                                        stop=threading.Event()))
 
     run((root / "scene.tif").as_uri(), tmp_path / "out")  # healthy: succeeds
@@ -219,17 +218,7 @@ async def _reopened(redis: Redis, keys: Keys, opened_until: float) -> bool:
 
 
 async def _enqueue_named(functions: Functions, prefix: str, n: int) -> list[tuple[str, str, str]]:
-    out = []
-    for i in range(n):
-        req = NdviJobRequest.model_validate({"farm_id": f"{prefix}-{i}", "inputs": {
-            "href": "file:///tmp/x.tif", "red_band": 1, "nir_band": 2}})
-        h = req.hash_for("t")
-        entry = StreamEntry(job_id=new_job_id(), request_hash=h, tenant="t", enqueued_at_ms=now_ms(),
-                            trace_id="tr", payload=req.normalized())
-        sub = await functions.submit_job(job_id=entry.job_id, request_hash=h, tenant="t",
-                                         entry_fields=entry.to_fields(), max_backlog=10_000)
-        out.append((sub.job_id, h, sub.entry_id))
-    return out
+    return await enqueue_bodies(functions, [farm_body(f"{prefix}-{i}") for i in range(n)])
 
 
 def _job(jobs: list[tuple[str, str, str]], entry_id: str) -> str:

@@ -14,26 +14,17 @@ from eventflow_consumer.handlers import JobContext, on_event_loop
 from eventflow_consumer.worker import Worker
 from redis.asyncio import Redis
 
-from eventflow.contract import JobType, NdviJobRequest, StreamEntry, new_job_id, now_ms
+from eventflow.contract import JobType, StreamEntry, now_ms
 from eventflow.errors import InputError
 from eventflow.keys import Keys
 from eventflow.redis.functions import Functions
 from eventflow.settings import EventflowSettings
 from tests.conftest import wait_for
+from tests.jobs import enqueue_bodies, farm_body
 
 
 async def enqueue(functions: Functions, n: int = 1, tenant: str = "t") -> list[tuple[str, str, str]]:
-    out = []
-    for i in range(n):
-        req = NdviJobRequest.model_validate({"farm_id": f"farm-{i}", "inputs": {
-            "href": "file:///tmp/x.tif", "red_band": 1, "nir_band": 2}})
-        h = req.hash_for(tenant)
-        entry = StreamEntry(job_id=new_job_id(), request_hash=h, tenant=tenant, enqueued_at_ms=now_ms(),
-                            trace_id="tr", payload=req.normalized())
-        sub = await functions.submit_job(job_id=entry.job_id, request_hash=h, tenant=tenant,
-                                         entry_fields=entry.to_fields(), max_backlog=10_000)
-        out.append((sub.job_id, h, sub.entry_id))
-    return out
+    return await enqueue_bodies(functions, [farm_body(f"farm-{i}") for i in range(n)], tenant)
 
 
 class Recorder:

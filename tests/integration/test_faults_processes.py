@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from eventflow.contract import NdviJobRequest, StreamEntry, new_job_id, now_ms
 from eventflow.keys import Keys
 from eventflow.redis.functions import Functions
 from tests.conftest import wait_for
 from tests.integration.conftest import with_group
+from tests.jobs import enqueue_bodies, farm_body
 
 REPO = Path(__file__).resolve().parents[2]
 L7 = REPO / "tests/data/r-cran-stars/L7_ETMs.tif"
@@ -26,17 +26,7 @@ L7 = REPO / "tests/data/r-cran-stars/L7_ETMs.tif"
 pytestmark = pytest.mark.slow
 
 async def enqueue_ndvi(functions: Functions, n: int, tenant: str = "t") -> list[tuple[str, str, str]]:
-    out = []
-    for i in range(n):
-        req = NdviJobRequest.model_validate({"farm_id": f"farm-{i}", "inputs": {
-            "href": L7.as_uri(), "red_band": 3, "nir_band": 4}})
-        h = req.hash_for(tenant)
-        entry = StreamEntry(job_id=new_job_id(), request_hash=h, tenant=tenant, enqueued_at_ms=now_ms(),
-                            trace_id="tr", payload=req.normalized())
-        sub = await functions.submit_job(job_id=entry.job_id, request_hash=h, tenant=tenant,
-                                         entry_fields=entry.to_fields(), max_backlog=100_000)
-        out.append((sub.job_id, h, sub.entry_id))
-    return out
+    return await enqueue_bodies(functions, [farm_body(f"farm-{i}", L7.as_uri(), 3, 4) for i in range(n)], tenant)
 
 
 async def events_by_job(redis: Redis, keys: Keys) -> dict[str, Counter[str]]:

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 from eventflow_consumer.handlers import JobContext, run_ndvi_job
 
-from eventflow.contract import NdviJobRequest, StreamEntry, new_job_id, now_ms
+from eventflow.contract import NdviJobRequest
 from eventflow.errors import DependencyUnavailable, InputError
 from eventflow.fetch import address_allowed, fetch
 from eventflow.inputs import InputRejected
 from eventflow.settings import NdviSettings
+from tests.jobs import entry_for
 
 REPO = Path(__file__).resolve().parents[2]
 L7 = REPO / "tests/data/r-cran-stars/L7_ETMs.tif"
@@ -192,9 +193,7 @@ def test_a_job_with_an_https_input_matches_the_local_file(server: Server, tmp_pa
     def run(href: str, ndvi: NdviSettings) -> dict[str, Any]:
         request = NdviJobRequest.model_validate({"farm_id": "f", "inputs": {"href": href, "red_band": 3,
                                                                             "nir_band": 4}})
-        entry = StreamEntry(job_id=new_job_id(), request_hash=request.hash_for("t"), tenant="t",
-                            enqueued_at_ms=now_ms(), trace_id="tr", payload=request.normalized())
-        return run_ndvi_job(entry, JobContext(ndvi=ndvi, output_dir=tmp_path / href.rsplit("/", 1)[0][-6:],
+        return run_ndvi_job(entry_for(request), JobContext(ndvi=ndvi, output_dir=tmp_path / href.rsplit("/", 1)[0][-6:],
                                               fence=1, progress=lambda _: None, stop=threading.Event()))
 
     remote = run(server.url("tiles.test", "/scene.tif"), server.settings())

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from eventflow.contract import NdviJobRequest, StreamEntry, new_job_id, now_ms
+from eventflow.contract import NdviJobRequest, now_ms
 from eventflow.errors import EpochMismatch, LostLease
 from eventflow.keys import Keys
 from eventflow.redis.client import bootstrap
@@ -20,16 +20,14 @@ from eventflow.redis.functions import (
     NotOwner,
     library_version,
 )
+from tests.jobs import entry_for
 
 REQ = {"farm_id": "farm-1", "inputs": {"href": "file:///tmp/x.tif", "red_band": 1, "nir_band": 2}}
 
 
 async def submit(functions: Functions, body: dict | None = None, tenant: str = "t", **kw: object):
-    req = NdviJobRequest.model_validate(body or REQ)
-    h = req.hash_for(tenant)
-    entry = StreamEntry(job_id=new_job_id(), request_hash=h, tenant=tenant, enqueued_at_ms=now_ms(), trace_id="tr",
-                        payload=req.normalized())
-    return await functions.submit_job(job_id=entry.job_id, request_hash=h, tenant=tenant,
+    entry = entry_for(NdviJobRequest.model_validate(body or REQ), tenant)
+    return await functions.submit_job(job_id=entry.job_id, request_hash=entry.request_hash, tenant=tenant,
                                       entry_fields=entry.to_fields(), max_backlog=kw.pop("max_backlog", 1000), **kw)
 
 

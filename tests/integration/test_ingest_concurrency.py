@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from eventflow.keys import Keys
 from tests.integration.test_ingest import api, body
+from tests.jobs import shuffled
 
 __all__ = ["api"]  # re-exported so pytest finds the fixture in this module too
 
@@ -22,17 +23,6 @@ pytestmark = pytest.mark.slow
 PAYLOADS = 1000
 COPIES = 3
 IN_FLIGHT = 48  # requests on the wire at once; the three copies of a payload are adjacent, so race
-
-
-def shuffled(value: Any, rng: random.Random) -> Any:
-    """The same JSON value with every object's keys in a random order."""
-    if isinstance(value, dict):
-        items = list(value.items())
-        rng.shuffle(items)
-        return {k: shuffled(v, rng) for k, v in items}
-    if isinstance(value, list):
-        return [shuffled(v, rng) for v in value]
-    return value
 
 
 async def test_concurrent_duplicates_make_one_entry_per_request_hash(api: Any, redis: Redis, keys: Keys) -> None:

@@ -12,13 +12,14 @@ import pytest
 from eventflow_reaper.reclaim import Reaper
 from redis.asyncio import Redis
 
-from eventflow.contract import JobType, NdviJobRequest, StreamEntry, new_job_id, now_ms
+from eventflow.contract import JobType
 from eventflow.keys import Keys
 from eventflow.redis.functions import Functions
 from eventflow.settings import EventflowSettings
 from tests.conftest import wait_for
 from tests.integration.conftest import with_group
 from tests.integration.test_consumer import Recorder, worker
+from tests.jobs import enqueue_bodies, farm_body
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +28,8 @@ CEILING = 3
 
 
 async def enqueue_farms(functions: Functions, farms: list[str]) -> dict[str, tuple[str, str, str]]:
-    out = {}
-    for farm in farms:
-        req = NdviJobRequest.model_validate({"farm_id": farm, "inputs": {
-            "href": "file:///unused.tif", "red_band": 1, "nir_band": 2}})
-        h = req.hash_for("t")
-        entry = StreamEntry(job_id=new_job_id(), request_hash=h, tenant="t", enqueued_at_ms=now_ms(),
-                            trace_id="tr", payload=req.normalized())
-        sub = await functions.submit_job(job_id=entry.job_id, request_hash=h, tenant="t",
-                                         entry_fields=entry.to_fields(), max_backlog=100_000)
-        out[farm] = (sub.job_id, h, sub.entry_id)
-    return out
+    return dict(zip(farms, await enqueue_bodies(functions, [farm_body(f, "file:///unused.tif") for f in farms]),
+                    strict=True))
 
 
 async def states(redis: Redis, keys: Keys, jobs: dict[str, tuple[str, str, str]]) -> Counter[str]:

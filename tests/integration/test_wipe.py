@@ -49,11 +49,16 @@ async def test_consumer_exits_without_writing_when_redis_is_wiped(redis: Redis, 
     assert await redis.dbsize() == 0, await redis.keys("*")
 
 
-async def test_reaper_exits_when_redis_is_rebootstrapped(redis: Redis, settings: EventflowSettings,
-                                                         keys: Keys) -> None:
+def start_fast_reaper(settings: EventflowSettings, redis: Redis) -> tuple[Reaper, asyncio.Task[int]]:
+    """A reaper cycling every 0.1 s, running as a task."""
     s = settings.model_copy(update={"reaper": settings.reaper.model_copy(update={"interval_s": 0.1})})
     reaper = Reaper(s, redis)
-    task = asyncio.create_task(reaper.run())
+    return reaper, asyncio.create_task(reaper.run())
+
+
+async def test_reaper_exits_when_redis_is_rebootstrapped(redis: Redis, settings: EventflowSettings,
+                                                         keys: Keys) -> None:
+    _, task = start_fast_reaper(settings, redis)
     await asyncio.sleep(0.3)
     assert not task.done()
     await redis.flushall()
@@ -64,9 +69,7 @@ async def test_reaper_exits_when_redis_is_rebootstrapped(redis: Redis, settings:
 async def test_negative_control_the_epoch_is_what_detects_it(redis: Redis, settings: EventflowSettings,
                                                              keys: Keys) -> None:
     """Same data set, epoch untouched: the reaper keeps running (the check is not trigger-happy)."""
-    s = settings.model_copy(update={"reaper": settings.reaper.model_copy(update={"interval_s": 0.1})})
-    reaper = Reaper(s, redis)
-    task = asyncio.create_task(reaper.run())
+    reaper, task = start_fast_reaper(settings, redis)
     await asyncio.sleep(1.0)
     assert not task.done()
     reaper.stopping.set()

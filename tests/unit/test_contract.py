@@ -16,6 +16,7 @@ from eventflow import hashing
 from eventflow.contract import SCHEMA_VERSION, JobState, NdviJobRequest, Sensor, StreamEntry
 from eventflow.errors import PoisonMessage
 from eventflow.hashing import canonical_json, request_hash
+from tests.jobs import shuffled
 
 BASE = {"farm_id": "farm-42", "inputs": {"href": "file:///data/scene.tif", "red_band": 3, "nir_band": 4}}
 
@@ -25,20 +26,10 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
                            st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=20)
 
 
-def _shuffled(value: Any, rng: random.Random) -> Any:
-    if isinstance(value, dict):
-        items = list(value.items())
-        rng.shuffle(items)
-        return {k: _shuffled(v, rng) for k, v in items}
-    if isinstance(value, list):
-        return [_shuffled(v, rng) for v in value]
-    return value
-
-
 @given(st.dictionaries(st.text(max_size=6), json_values, max_size=6), st.integers(0, 2**32))
 def test_hash_ignores_key_order_and_whitespace(doc: dict[str, Any], seed: int) -> None:
     rng = random.Random(seed)
-    reordered = _shuffled(doc, rng)
+    reordered = shuffled(doc, rng)
     spaced = json.loads(json.dumps(reordered, indent=rng.choice([None, 1, 4]), separators=(", ", " : ")))
     assert request_hash("t", doc) == request_hash("t", reordered) == request_hash("t", spaced)
 
